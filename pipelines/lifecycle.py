@@ -1,0 +1,64 @@
+"""The canaryflow DAG: prepare -> fine-tune -> evaluate -> register -> (gate passed) canary, with an
+exit handler that records the outcome whatever happened.
+
+`build_pipeline(cfg)` bakes the config in as the default of the `config_json` parameter and takes the
+cluster settings (accelerators, retries) from it, so the compiled YAML and a local run are one DAG.
+"""
+
+from kfp import dsl
+
+from canaryflow.components.canary_rollout import canary_rollout
+from canaryflow.components.evaluate_model import evaluate_model
+from canaryflow.components.fine_tune import fine_tune
+from canaryflow.components.prepare_data import prepare_data
+from canaryflow.components.record_outcome import record_outcome
+from canaryflow.components.register_model import register_model
+from canaryflow.config import Config
+
+PIPELINE_NAME = "canaryflow-lifecycle"
+MLFLOW_RETRIES = 2
+
+
+def build_pipeline(cfg: Config):
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Fine-tune, evaluate against the champion, register, and canary a transformers model.",
+    )
+    def lifecycle(config_json: str = cfg.model_dump_json(), run_key: str = ""):
+        ids = {"config_json": config_json, "run_key": run_key, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        record_task = record_outcome(**ids).set_display_name("record outcome")
+        with dsl.ExitHandler(record_task, name="lifecycle"):
+            prepare_task = prepare_data(**ids).set_display_name("prepare data")
+            train_task = fine_tune(data=prepare_task.outputs["data"], **ids).set_display_name("fine-tune")
+            if cfg.train.accelerator_limit > 0:
+                train_task.set_accelerator_type(cfg.train.accelerator_type)
+                train_task.set_accelerator_limit(cfg.train.accelerator_limit)
+            eval_task = evaluate_model(
+                data=prepare_task.outputs["data"], model=train_task.outputs["model"], **ids
+            ).set_display_name("evaluate challenger vs champion")
+            register_task = register_model(
+                data=prepare_task.outputs["data"],
+                model=train_task.outputs["model"],
+                evaluation=eval_task.outputs["evaluation"],
+                **ids,
+            ).set_display_name("register model")
+            with dsl.If(eval_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
+                canary_task = canary_rollout(
+                    data=prepare_task.outputs["data"], model_version=register_task.output, **ids
+                ).set_display_name("canary rollout")
+        # Only fine_tune is a pure function of its inputs. The data source changes under the same path,
+        # and evaluation, registration, canary and outcome depend on the registry's live state, so a
+        # cached result would be a wrong one.
+        for task in (prepare_task, eval_task, register_task, canary_task, record_task):
+            task.set_caching_options(False)
+        for task in (eval_task, register_task, canary_task, record_task):
+            task.set_retry(num_retries=MLFLOW_RETRIES, backoff_duration="5s")
+
+    return lifecycle
+
+
+def compile_pipeline(cfg: Config, package_path: str) -> str:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(cfg), package_path=package_path)
+    return package_path

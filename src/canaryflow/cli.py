@@ -1,0 +1,280 @@
+"""`canaryflow ...`: the command line (Typer + Rich).
+
+Heavy libraries are imported inside commands, so `canaryflow --help` stays quick. With `--json`, stdout
+holds one JSON object and nothing else; progress and logs go to stderr. Errors are one line; the exit
+code is 2 for bad input or config and 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from canaryflow import progress
+from canaryflow.errors import CanaryflowError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Fine-tune, evaluate, register and canary-release a transformers model as one KFP DAG.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="The data stage on its own.")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (default: the demo task).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: KEY=VALUE, repeatable.")]
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Where the SQLite registry, artifacts and logs live.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress goes to stderr.")]
+TrackingOpt = Annotated[
+    str | None, typer.Option("--tracking-uri", help="An MLflow server instead of the workdir's SQLite store.")
+]
+
+STEP_LABELS = {
+    "prepare-data": "prepare data",
+    "fine-tune": "fine-tune",
+    "evaluate-model": "evaluate",
+    "register-model": "register",
+    "canary-rollout": "canary",
+    "record-outcome": "record outcome",
+}
+_TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _console() -> Console:
+    # Bound to the real stderr now: while kfp.local runs, sys.stderr is redirected into the run log.
+    return Console(file=sys.stderr)
+
+
+def _load(config: Path | None, overrides: list[str] | None, tracking_uri: str | None = None):
+    from canaryflow.config import load_config
+
+    extra = [f"mlflow.tracking_uri={tracking_uri}"] if tracking_uri else []
+    return load_config(config, [*(overrides or []), *extra])
+
+
+class RunProgress:
+    """A Rich progress display fed by the lines kfp.local relays from the steps."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.current: int | None = None
+        self.current_step: str | None = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._finish_current()
+        self.progress.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        self._finish_current()
+        self.console.print(f"[cyan]{text}")
+
+    def _finish_current(self) -> None:
+        if self.current is not None:
+            task = self.progress.tasks[self.current]
+            self.progress.update(self.current, completed=task.total or 1, total=task.total or 1)
+            self.current = None
+
+    def line(self, raw: str) -> None:
+        line = _ANSI.sub("", raw)
+        event = progress.parse(line)
+        if event is not None and self.current is not None:
+            info = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("stage", "done", "total"))
+            self.progress.update(self.current, completed=event["done"], total=max(event["total"], 1), info=info)
+            return
+        started = _TASK_START.search(line)
+        if started and started.group(1) in STEP_LABELS:
+            self._finish_current()
+            self.current_step = started.group(1)
+            self.current = self.progress.add_task(STEP_LABELS[started.group(1)], total=None, info="")
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    data, train = summary.get("data") or {}, summary.get("train") or {}
+    metrics = summary.get("metrics") or {}
+    challenger, champion = metrics.get("challenger") or {}, metrics.get("champion") or {}
+    if summary.get("bootstrap"):
+        boot = summary["bootstrap"]
+        console.print(
+            f"Bootstrap: version {boot['version']} -> {(boot.get('canary') or {}).get('verdict')} "
+            f"after a smoke check ({boot['duration_s']} s)"
+        )
+    table = Table(title=f"canaryflow run: version {summary.get('version')}", show_lines=False)
+    table.add_column("what")
+    table.add_column("value")
+    counts = data.get("counts", {})
+    table.add_row("data", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (hash {data.get('content_hash', '')[:12]})")
+    table.add_row(
+        "training",
+        f"loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}, "
+        f"{train.get('steps')} steps in {_fmt(train.get('train_seconds'), 1)} s",
+    )
+    console.print(table)
+    mt = Table(title="challenger vs champion (test set)")
+    mt.add_column("metric")
+    mt.add_column("challenger", justify="right")
+    mt.add_column("champion", justify="right")
+    for name, value in challenger.items():
+        mt.add_row(name, _fmt(value), _fmt(champion.get(name)))
+    console.print(mt)
+    gate = summary.get("gate") or {}
+    verdict = "[green]PASSED" if gate.get("passed") else "[red]FAILED"
+    console.print(f"Gate: {verdict}[/]")
+    for reason in gate.get("reasons", []):
+        console.print(f"  {reason}")
+    canary = summary.get("canary") or {}
+    console.print(
+        f"Canary ({canary.get('mode', '-')}): [bold]{canary.get('verdict')}[/] "
+        f"{canary.get('reason', '')} ({canary.get('requests', 0)} requests)"
+    )
+    aliases = (summary.get("registry") or {}).get("aliases") or {}
+    at = Table(title=f"registry: {(summary.get('registry') or {}).get('model_name')}")
+    at.add_column("alias")
+    at.add_column("version")
+    for alias, version in aliases.items():
+        at.add_row(alias, _fmt(version))
+    console.print(at)
+    console.print(f"Done in {summary.get('duration_s')} s. Log: {summary.get('log')}")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Run the whole DAG locally (kfp.local), with MLflow on SQLite under the workdir."""
+    from canaryflow.runner import run_lifecycle
+
+    cfg = _load(config, set_, tracking_uri)
+    console = _console()
+    with RunProgress(console) as display:
+        summary = run_lifecycle(cfg, workdir, on_line=display.line, on_phase=display.phase)
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        render_summary(summary, console)
+
+
+@app.command("compile")
+def compile_(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the KFP IR YAML.")] = Path(
+        "canaryflow-pipeline.yaml"
+    ),
+) -> None:
+    """Write the DAG as KFP IR YAML, ready for `kfp.Client` or the KFP UI."""
+    from canaryflow.pipelines.lifecycle import compile_pipeline
+
+    compile_pipeline(_load(config, set_), str(output))
+    _console().print(f"wrote {output}")
+
+
+@data_app.command("check")
+def data_check(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Load, validate, clean and split the data, and print its data card."""
+    from canaryflow.data.prepare import prepare_data
+    from canaryflow.runner import next_demo_drop, with_demo_drop
+
+    cfg = _load(config, set_)
+    if cfg.uses_demo_data:
+        cfg = with_demo_drop(cfg, workdir.resolve(), next_demo_drop(workdir.resolve()))
+    card = prepare_data(cfg, workdir / "data-check")
+    if json_out:
+        print(json.dumps(card))
+        return
+    console = _console()
+    table = Table(title="data card")
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in card.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    console.print(table)
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory.")],
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1; 0 picks a free one.")] = 8080,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Serve one model over HTTP: /health, /predict, /metrics."""
+    import mlflow
+
+    from canaryflow.registry.tracking import sqlite_uri
+    from canaryflow.serving.server import main as serve_main
+
+    mlflow.set_tracking_uri(tracking_uri or sqlite_uri(workdir))
+    mlflow.set_registry_uri(tracking_uri or sqlite_uri(workdir))
+    code = serve_main(["--model-uri", model_uri, "--port", str(port)])
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: one clear error line and a meaningful exit code, never a traceback for known failures."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except CanaryflowError as exc:
+        summary = getattr(exc, "summary", None)
+        if summary is not None and "--json" in sys.argv:
+            print(json.dumps(summary))
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # the last resort: still one line, with the type to search for
+        print(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

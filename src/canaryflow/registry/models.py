@@ -1,0 +1,149 @@
+"""Register candidates in the MLflow Model Registry and move the aliases that say what serves.
+
+Aliases: `champion` (serving), `challenger` (in canary), `previous-champion` (one-command rollback).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from canaryflow.config import Config
+from canaryflow.errors import CanaryflowError
+from canaryflow.registry.tracking import RUN_KEY_TAG, configure, pipeline_run
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
+PYFUNC_ENTRY = Path(__file__).resolve().parent / "pyfunc_entry.py"
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def git_commit() -> str:
+    """The commit of the canaryflow source that ran, for lineage; 'unknown' in an image without .git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def alias_version(cfg: Config, alias: str) -> str | None:
+    """The version an alias points at, as a string (SQLite gives ints, a server strings), or None."""
+    from mlflow.exceptions import MlflowException
+
+    configure(cfg)
+    try:
+        return str(_client().get_model_version_by_alias(cfg.registry.model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def aliases(cfg: Config) -> dict[str, str | None]:
+    return {alias: alias_version(cfg, alias) for alias in ALIASES}
+
+
+def _requirements() -> list[str]:
+    # Pinned from the running environment, so a serving image can reproduce it; canaryflow itself is
+    # installed in the serving image (the pyfunc entry imports it).
+    return [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "torch", "transformers", "tokenizers")]
+
+
+def register_candidate(
+    cfg: Config, run_key: str, model_dir: str | Path, evaluation: dict, lineage: dict[str, str]
+) -> str:
+    """Log the model as pyfunc, register it, tag it with lineage and the gate verdict; return its version.
+
+    Every candidate is registered, passing or not, so reviewers can see what was rejected and why. Only a
+    passing candidate gets the `challenger` alias. A retried step finds the version its MLflow run already
+    registered instead of creating a second one.
+    """
+    import mlflow
+
+    configure(cfg)
+    client = _client()
+    name = cfg.registry.model_name
+    with pipeline_run(cfg, run_key) as run:
+        existing = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
+        if existing:
+            version = str(existing[0].version)
+        else:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"model_dir": str(model_dir)},
+                model_config={"max_source_length": cfg.data.max_source_length},
+                pip_requirements=_requirements(),
+            )
+            version = str(mlflow.register_model(info.model_uri, name).version)
+    gate = evaluation["gate"]
+    tags = {
+        RUN_KEY_TAG: run_key,
+        "git_commit": git_commit(),
+        **lineage,
+        "gate.passed": str(gate["passed"]).lower(),
+        "gate.reasons": "; ".join(gate["reasons"]),
+        "champion_at_evaluation": str(evaluation.get("champion_version") or "none"),
+    }
+    for metric, value in (evaluation["metrics"]["challenger"] or {}).items():
+        tags[f"metric.{metric}"] = f"{value:.4f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if gate["passed"]:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def load_generator(cfg: Config, ref: str):
+    """Load a registered version (`ref` is an alias or a version number) for in-process generation."""
+    import mlflow.pyfunc
+
+    configure(cfg)
+    sep = "@" if not ref.isdigit() else "/"
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}{sep}{ref}")
+    return model.unwrap_python_model().generator
+
+
+def model_uri(cfg: Config, version: str) -> str:
+    return f"models:/{cfg.registry.model_name}/{version}"
+
+
+def promote(cfg: Config, version: str, expected_champion: str | None, reason: str) -> dict[str, str | None]:
+    """Make `version` the champion, if the champion is still the one the decision saw.
+
+    MLflow has no compare-and-set for aliases: this re-reads and refuses on a change. (The locked,
+    race-proof version of this belongs to the registry issue.)
+    """
+    client = _client()
+    name = cfg.registry.model_name
+    current = alias_version(cfg, CHAMPION)
+    if current != expected_champion:
+        raise CanaryflowError(
+            f"promotion of version {version} refused: champion moved from {expected_champion} to {current}"
+        )
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if alias_version(cfg, CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, version, "canary.verdict", "promoted")
+    client.set_model_version_tag(name, version, "canary.reason", reason)
+    return aliases(cfg)
+
+
+def reject(cfg: Config, version: str, reason: str) -> dict[str, str | None]:
+    """Roll the challenger back: it loses the `challenger` alias; the champion is untouched."""
+    client = _client()
+    name = cfg.registry.model_name
+    if alias_version(cfg, CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, version, "canary.verdict", "rolled_back")
+    client.set_model_version_tag(name, version, "canary.reason", reason)
+    return aliases(cfg)

@@ -1,0 +1,195 @@
+"""Run the DAG locally through kfp.local, on the embedded default: MLflow on SQLite under the workdir.
+
+With no data configured, the run uses the offline demo task: each run takes the next synthetic data
+drop (training on all drops so far), and with no champion in the registry a first, shorter run
+establishes one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from canaryflow.config import Config
+from canaryflow.errors import BadInputError, CanaryflowError
+
+LineCallback = Callable[[str], None]
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(BadInputError|CanaryflowError|[A-Z]\w*(?:Error|Exception)): (.+)$")
+
+
+class PipelineFailed(CanaryflowError):
+    def __init__(self, message: str, exit_code: int, summary: dict | None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.summary = summary
+
+
+def with_workdir(cfg: Config, workdir: Path) -> Config:
+    """Fill in what the workdir decides: the SQLite tracking store, unless a tracking URI is configured."""
+    from canaryflow.registry.tracking import sqlite_uri
+
+    if cfg.mlflow.tracking_uri:
+        return cfg
+    workdir.mkdir(parents=True, exist_ok=True)
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": sqlite_uri(workdir)})})
+
+
+def _demo_state(workdir: Path) -> Path:
+    return workdir / "demo-data" / "state.json"
+
+
+def next_demo_drop(workdir: Path) -> int:
+    state = _demo_state(workdir)
+    return json.loads(state.read_text())["completed_drops"] + 1 if state.is_file() else 1
+
+
+def with_demo_drop(cfg: Config, workdir: Path, drop: int, max_steps: int | None = None) -> Config:
+    """Point cfg.data at demo drop `drop`: train on drops 1..drop, validate and test on this drop."""
+    from canaryflow.data.synthetic import write_drop
+
+    root = workdir / "demo-data"
+    paths = [write_drop(root, d, cfg.demo.records_per_drop, cfg.demo.test_records) for d in range(1, drop + 1)]
+    data = cfg.data.model_copy(
+        update={
+            "train": [str(p["train"]) for p in paths],
+            "validation": [str(paths[-1]["validation"])],
+            "test": [str(paths[-1]["test"])],
+        }
+    )
+    update: dict = {"data": data}
+    if max_steps is not None:
+        update["train"] = cfg.train.model_copy(update={"max_steps": max_steps})
+    return cfg.model_copy(update=update)
+
+
+def _mark_drop_done(workdir: Path, drop: int) -> None:
+    state = _demo_state(workdir)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"completed_drops": drop}))
+
+
+class _LineSink(io.TextIOBase):
+    """Stands in for stdout while kfp.local runs: keeps every line in a log file and hands it on."""
+
+    def __init__(self, log, on_line: LineCallback):
+        self._log, self._on_line, self._buffer = log, on_line, ""
+        self.lines: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._buffer += text
+        *complete, self._buffer = self._buffer.split("\n")
+        for line in complete:
+            self.lines.append(line)
+            self._on_line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+
+
+def failure_reason(lines: list[str]) -> tuple[str, int]:
+    """The last exception a step raised, as one line, and the exit code it calls for (2: bad input)."""
+    for line in reversed(lines):
+        match = _ERROR_LINE.match(line)
+        if match:
+            return match.group(2).strip(), 2 if match.group(1) == "BadInputError" else 1
+    return "", 1
+
+
+def read_summary(cfg: Config, run_key: str) -> dict | None:
+    import mlflow
+
+    from canaryflow.registry.tracking import find_run
+
+    run = find_run(cfg, run_key)
+    if run is None:
+        return None
+    try:
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    except Exception:  # the exit handler itself failed; the caller reports the step failure
+        return None
+
+
+def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line: None) -> dict:
+    """Run the whole DAG once through kfp.local and return the summary the exit handler recorded."""
+    from kfp import local
+
+    from canaryflow.pipelines.lifecycle import build_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline_root"))
+    run_key = uuid.uuid4().hex
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"run-{run_key[:12]}.log"
+    started = time.perf_counter()
+    error: Exception | None = None
+    with open(log_path, "w", encoding="utf-8") as log:
+        sink = _LineSink(log, on_line)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            try:
+                build_pipeline(cfg)(config_json=cfg.model_dump_json(), run_key=run_key)
+            except Exception as exc:  # kfp.local raises RuntimeError naming the failed task
+                error = exc
+    summary = read_summary(cfg, run_key)
+    if summary is not None:
+        summary["duration_s"] = round(time.perf_counter() - started, 1)
+        summary["log"] = str(log_path)
+    if error is not None or summary is None or summary.get("status") != "succeeded":
+        reason, code = failure_reason(sink.lines)
+        step = (summary or {}).get("failed_step") or "pipeline"
+        detail = reason or str(error or "the exit handler recorded no summary").splitlines()[0]
+        raise PipelineFailed(f"step {step} failed: {detail} (log: {log_path})", code, summary)
+    return summary
+
+
+def preflight(cfg: Config) -> None:
+    """Catch what is cheap to catch before any process starts: data files that are not there."""
+    from canaryflow.data.prepare import SPLITS, resolve_files
+
+    for split in SPLITS:
+        patterns = getattr(cfg.data, split)
+        if patterns:
+            resolve_files(patterns, split)
+    if cfg.model.task != "seq2seq":
+        raise BadInputError(f"model.task {cfg.model.task!r} is not supported yet; use seq2seq")
+
+
+def run_lifecycle(cfg: Config, workdir: Path, on_line: LineCallback = lambda line: None,
+                  on_phase: Callable[[str], None] = lambda text: None) -> dict:
+    """`canaryflow run`: one DAG run, preceded on the demo task by a bootstrap run when there is no champion."""
+    from canaryflow.registry import models
+
+    workdir = workdir.resolve()
+    cfg = with_workdir(cfg, workdir)
+    preflight(cfg)
+    if not cfg.uses_demo_data:
+        return run_pipeline(cfg, workdir, on_line)
+    bootstrap = None
+    if cfg.demo.bootstrap and models.alias_version(cfg, models.CHAMPION) is None:
+        drop = next_demo_drop(workdir)
+        on_phase(f"No champion yet: establishing one on demo data drop {drop}")
+        bootstrap = run_pipeline(with_demo_drop(cfg, workdir, drop, cfg.demo.bootstrap_max_steps), workdir, on_line)
+        _mark_drop_done(workdir, drop)
+    drop = next_demo_drop(workdir)
+    on_phase(f"Training a challenger on demo data drops 1-{drop}")
+    summary = run_pipeline(with_demo_drop(cfg, workdir, drop), workdir, on_line)
+    _mark_drop_done(workdir, drop)
+    summary["demo_drop"] = drop
+    if bootstrap is not None:
+        summary["bootstrap"] = {
+            "version": bootstrap.get("version"),
+            "canary": bootstrap.get("canary"),
+            "duration_s": bootstrap.get("duration_s"),
+        }
+        summary["duration_s"] = round(summary["duration_s"] + bootstrap["duration_s"], 1)
+    return summary

@@ -1,0 +1,62 @@
+"""What the model server and the canary router share: a threaded HTTP server with JSON I/O and limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base handler: read a bounded JSON body, answer JSON, never a traceback to the client."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass  # request logs would drown the pipeline's output; metrics count requests instead
+
+    def read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise RequestError(400, "bad Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise RequestError(413, f"body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        return self.rfile.read(length)
+
+    def read_json(self) -> dict:
+        try:
+            body = json.loads(self.read_body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "body must be a JSON object")
+        return body
+
+    def send_bytes(self, status: int, payload: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def send_json(self, status: int, obj: object, headers: dict | None = None) -> None:
+        self.send_bytes(status, json.dumps(obj).encode("utf-8"), "application/json", headers)
+
+
+def serve_in_thread(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0):
+    """Start a threaded server on loopback in a daemon thread; return it (its port is server_address[1])."""
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=f"http-{handler.__name__}", daemon=True).start()
+    return server

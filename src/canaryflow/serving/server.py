@@ -1,0 +1,122 @@
+"""The HTTP model server: /health, /predict, /metrics, with input limits.
+
+Run as `canaryflow serve --model-uri URI` or `python -m canaryflow.serving.server`. The model is loaded
+once at start-up through MLflow pyfunc (a `models:/` URI resolves its alias then), or from a local
+model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from canaryflow.serving.http import JsonHandler, RequestError, serve_in_thread
+
+MAX_INPUTS = 64
+MAX_INPUT_CHARS = 4096
+
+
+def load_generator(model_uri: str, num_threads: int):
+    if Path(model_uri).is_dir():
+        from canaryflow.evaluation.generate import Seq2SeqGenerator
+
+        return Seq2SeqGenerator(model_uri, num_threads=num_threads)
+    import mlflow.pyfunc
+    import torch
+
+    torch.set_num_threads(num_threads)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().generator
+
+
+def make_handler(generator, variant: str, model_version: str):
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    labels = ("variant", "model_version")
+    requests = Counter("canaryflow_server_requests", "Predict requests by outcome.", (*labels, "code"), registry=registry)
+    latency = Histogram(
+        "canaryflow_server_latency_seconds",
+        "Predict latency.",
+        labels,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        registry=registry,
+    )
+    # One generation at a time: concurrent torch calls on a small CPU only thrash each other's caches.
+    lock = threading.Lock()
+
+    class ModelHandler(JsonHandler):
+        def do_GET(self):
+            if self.path == "/health":
+                self.send_json(200, {"status": "ok", "variant": variant, "model_version": model_version})
+            elif self.path == "/metrics":
+                self.send_bytes(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            else:
+                self.send_json(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self):
+            if self.path != "/predict":
+                self.send_json(404, {"error": f"no route {self.path}"})
+                return
+            started = time.perf_counter()
+            try:
+                inputs = self._inputs(self.read_json())
+                with lock:
+                    predictions = generator.generate(inputs)
+                status, body = 200, {"predictions": predictions, "model_version": model_version}
+            except RequestError as exc:
+                status, body = exc.status, {"error": str(exc)}
+            except Exception as exc:  # a model failure is a 500 for this request, never a dead server
+                status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+            requests.labels(variant, model_version, str(status)).inc()
+            latency.labels(variant, model_version).observe(time.perf_counter() - started)
+            self.send_json(status, body, {"X-Model-Version": model_version})
+
+        @staticmethod
+        def _inputs(body: dict) -> list[str]:
+            inputs = body.get("inputs")
+            if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
+                raise RequestError(400, "'inputs' must be a non-empty list of strings")
+            if len(inputs) > MAX_INPUTS:
+                raise RequestError(413, f"{len(inputs)} inputs exceed the limit of {MAX_INPUTS} per request")
+            longest = max(len(x) for x in inputs)
+            if longest > MAX_INPUT_CHARS:
+                raise RequestError(413, f"an input of {longest} characters exceeds the limit of {MAX_INPUT_CHARS}")
+            return inputs
+
+    return ModelHandler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve one canaryflow model over HTTP on loopback.")
+    parser.add_argument("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--port-file", help="write the bound port here once the model is loaded")
+    parser.add_argument("--variant", default="primary", help="label on metrics: champion, challenger, ...")
+    parser.add_argument("--model-version", default="unknown", help="label on metrics and responses")
+    parser.add_argument("--num-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        generator = load_generator(args.model_uri, args.num_threads)
+    except Exception as exc:
+        print(f"error: cannot load model {args.model_uri}: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    server = serve_in_thread(make_handler(generator, args.variant, args.model_version), port=args.port)
+    port = server.server_address[1]
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, args.port_file)  # atomic: a reader never sees a half-written port
+    print(f"serving {args.model_uri} as {args.variant} on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""One function per pipeline step: the library call plus what the step records in MLflow.
+
+KFP components in `components/` are an import and a call into here; everything below takes JSON and
+paths, so it runs and is tested without KFP. All steps of one pipeline run log into one MLflow run,
+found by its run key (see registry/tracking.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from canaryflow.config import Config
+
+STEP_TAG = "canaryflow.step."
+STEPS = ("prepare_data", "fine_tune", "evaluate_model", "register_model", "canary_rollout")
+
+
+def run_key_of(run_key: str, job_id: str) -> str:
+    """The CLI passes its own key; a scheduled or submitted run falls back to the KFP job id."""
+    return run_key or job_id
+
+
+def _mark_done(step: str) -> None:
+    import mlflow
+
+    mlflow.set_tag(STEP_TAG + step, "done")
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode("utf-8")).hexdigest()[:16]
+
+
+def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
+    import mlflow
+
+    from canaryflow.data.prepare import prepare_data
+    from canaryflow.registry.tracking import pipeline_run
+
+    cfg = Config.from_json(config_json)
+    card = prepare_data(cfg, out_dir)
+    with pipeline_run(cfg, run_key):
+        mlflow.log_dict(card, "data/data_card.json")
+        mlflow.log_metrics({f"data.{split}": n for split, n in card["counts"].items()})
+        mlflow.set_tags({"data_hash": card["content_hash"], "config_hash": config_hash(cfg)})
+        _mark_done("prepare_data")
+    return card
+
+
+def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) -> dict:
+    import mlflow
+
+    from canaryflow.registry.tracking import pipeline_run
+    from canaryflow.training.fine_tune import fine_tune
+
+    cfg = Config.from_json(config_json)
+    metrics = fine_tune(cfg, data_dir, out_dir)
+    with pipeline_run(cfg, run_key):
+        mlflow.log_params({f"train.{k}": v for k, v in cfg.train.model_dump().items()})
+        mlflow.log_params({"model.base": cfg.model.base, "model.task": cfg.model.task})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        mlflow.log_dict(metrics, "train/train_metrics.json")
+        _mark_done("fine_tune")
+    return metrics
+
+
+def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, out_dir: str) -> dict:
+    import mlflow
+
+    from canaryflow.evaluation.scoring import evaluate_models
+    from canaryflow.registry import models
+    from canaryflow.registry.tracking import pipeline_run
+
+    cfg = Config.from_json(config_json)
+    champion_version = models.alias_version(cfg, models.CHAMPION)
+    champion = (champion_version, models.load_generator(cfg, champion_version)) if champion_version else None
+    result = evaluate_models(cfg, data_dir, model_dir, champion, out_dir)
+    with pipeline_run(cfg, run_key):
+        for role, values in result["metrics"].items():
+            if values:
+                mlflow.log_metrics({f"{role}.{k}": v for k, v in values.items()})
+        mlflow.log_dict(result, "evaluation/evaluation.json")
+        mlflow.log_artifact(str(Path(out_dir) / "report.md"), "evaluation")
+        mlflow.set_tag("gate.passed", str(result["gate"]["passed"]).lower())
+        _mark_done("evaluate_model")
+    return result
+
+
+def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, evaluation_dir: str) -> str:
+    import mlflow
+
+    from canaryflow.registry import models
+    from canaryflow.registry.tracking import pipeline_run
+
+    cfg = Config.from_json(config_json)
+    evaluation = json.loads((Path(evaluation_dir) / "evaluation.json").read_text(encoding="utf-8"))
+    card = json.loads((Path(data_dir) / "data_card.json").read_text(encoding="utf-8"))
+    lineage = {"data_hash": card["content_hash"], "config_hash": config_hash(cfg), "base_model": cfg.model.base}
+    version = models.register_candidate(cfg, run_key, model_dir, evaluation, lineage)
+    with pipeline_run(cfg, run_key):
+        mlflow.set_tag("registered_version", version)
+        _mark_done("register_model")
+    return version
+
+
+def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: str, out_dir: str) -> dict:
+    import mlflow
+
+    from canaryflow.registry.tracking import pipeline_run
+    from canaryflow.rollout.controller import canary_rollout
+
+    cfg = Config.from_json(config_json)
+    result = canary_rollout(cfg, data_dir, version, run_key, out_dir)
+    with pipeline_run(cfg, run_key):
+        _mark_done("canary_rollout")
+    return result
+
+
+def _load_logged(run, path: str) -> dict | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{path}")
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
+    """Exit handler: build the run's summary from what the steps logged, whether or not they all ran."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from canaryflow.registry import models
+    from canaryflow.registry.tracking import find_run
+
+    cfg = Config.from_json(config_json)
+    run = find_run(cfg, run_key)
+    if run is None:
+        summary = {"status": "failed", "failed_step": STEPS[0], "run_key": run_key}
+    else:
+        tags = run.data.tags
+        evaluation = _load_logged(run, "evaluation/evaluation.json")
+        needed = STEPS if evaluation is None or evaluation["gate"]["passed"] else STEPS[:-1]
+        missing = [step for step in needed if tags.get(STEP_TAG + step) != "done"]
+        canary = _load_logged(run, "canary/canary.json")
+        summary = {
+            "status": "failed" if missing else "succeeded",
+            "failed_step": missing[0] if missing else None,
+            "run_key": run_key,
+            "mlflow_run_id": run.info.run_id,
+            "data": _load_logged(run, "data/data_card.json"),
+            "train": _load_logged(run, "train/train_metrics.json"),
+            "metrics": evaluation["metrics"] if evaluation else None,
+            "gate": {"passed": evaluation["gate"]["passed"], "reasons": evaluation["gate"]["reasons"]}
+            if evaluation
+            else None,
+            "version": tags.get("registered_version"),
+            "canary": {k: v for k, v in canary.items() if k != "steps"} if canary else {"verdict": "not_run"},
+            "registry": {"model_name": cfg.registry.model_name, "aliases": models.aliases(cfg)},
+            "duration_s": round(time.time() - run.info.start_time / 1000, 1),
+        }
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_dict(summary, "summary.json")
+            mlflow.set_tag("canaryflow.status", summary["status"])
+        MlflowClient().set_terminated(run.info.run_id, "FINISHED" if not missing else "FAILED")
+    Path(out_path).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
