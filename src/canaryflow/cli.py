@@ -250,8 +250,20 @@ def serve(
         raise typer.Exit(code)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for canaryflow's own output; the steps' full logs are in the run log."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> None:
     """Entry point: one clear error line and a meaningful exit code, never a traceback for known failures."""
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -7,6 +7,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY_BYTES = 1 << 20
+# An oversized body is read and thrown away in small chunks up to this much, so the client gets its 413
+# instead of a reset connection; memory stays bounded either way.
+DRAIN_LIMIT_BYTES = 64 << 20
 
 
 class RequestError(Exception):
@@ -29,6 +32,13 @@ class JsonHandler(BaseHTTPRequestHandler):
         except ValueError:
             raise RequestError(400, "bad Content-Length") from None
         if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            remaining = length if length <= DRAIN_LIMIT_BYTES else 0
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
             raise RequestError(413, f"body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
         return self.rfile.read(length)
 
@@ -47,6 +57,8 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
 

@@ -1,0 +1,92 @@
+"""Shared fixtures. Everything runs offline: the hub is never touched (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before any test imports transformers/datasets/evaluate, which read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hf_home(tmp_path_factory):
+    # evaluate copies metric modules and datasets writes caches under HF_HOME: keep them out of ~.
+    home = tmp_path_factory.mktemp("hf-home")
+    os.environ["HF_HOME"] = str(home)
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory):
+    from canaryflow.data.synthetic import write_drop
+
+    return write_drop(tmp_path_factory.mktemp("demo"), 1, records=300, test_records=40)
+
+
+def demo_config(files, *extra: str):
+    from canaryflow.config import load_config
+
+    return load_config(
+        overrides=[
+            f"data.train={files['train']}",
+            f"data.validation={files['validation']}",
+            f"data.test={files['test']}",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def prepared(demo_files, tmp_path_factory):
+    from canaryflow.data.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("prepared")
+    return out, prepare_data(demo_config(demo_files), out)
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, demo_files, tmp_path_factory):
+    """A tiny model trained briefly: enough to generate real text, not enough to be good."""
+    from canaryflow.training.fine_tune import fine_tune
+
+    out = tmp_path_factory.mktemp("model")
+    cfg = demo_config(demo_files, "train.max_steps=40")
+    return out, fine_tune(cfg, prepared[0], out)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `canaryflow ...` as a user would, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "canaryflow.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ},
+    )
+
+
+@pytest.fixture(scope="session")
+def lifecycle_run(tmp_path_factory):
+    """One `canaryflow run --json` of the whole DAG on the demo task, shared by the end-to-end tests.
+
+    Shorter training than `make run`, so the suite stays quick; the floors asserted on it allow for that.
+    """
+    workdir = tmp_path_factory.mktemp("lifecycle")
+    result = run_cli(
+        "run", "--json", "--workdir", str(workdir),
+        "--set", "train.max_steps=350", "--set", "demo.bootstrap_max_steps=200",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads(result.stdout)

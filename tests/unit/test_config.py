@@ -1,0 +1,52 @@
+import pytest
+
+from canaryflow.config import Config, load_config
+from canaryflow.errors import BadInputError
+from tests.conftest import REPO
+
+
+def test_defaults_are_the_shipped_demo_config():
+    assert load_config(REPO / "configs" / "demo.yaml") == Config()
+
+
+def test_set_overrides_keep_yaml_types():
+    cfg = load_config(overrides=["train.max_steps=50", "canary.steps=[5, 100]", "data.train=a.jsonl"])
+    assert cfg.train.max_steps == 50
+    assert cfg.canary.steps == [5, 100]
+    assert cfg.data.train == ["a.jsonl"]  # one path is accepted where a list is expected
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stepz=5", "train.max_stepz: Extra inputs are not permitted"),
+        ("train.batch_size=zero", "train.batch_size"),
+        ("model.task=translation", "model.task"),
+        ("canary.steps=[50, 10]", "canary.steps"),
+        ("canary.steps=[10, 50]", "end at 100"),
+        ("novalue", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(override, message):
+    with pytest.raises(BadInputError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(BadInputError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(BadInputError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(BadInputError, match="mapping"):
+        load_config(scalar)
+
+
+def test_config_round_trips_through_json():
+    cfg = load_config(overrides=["gate.floors={bleu: 3.5}", "mlflow.tracking_uri=sqlite:///x.db"])
+    assert Config.from_json(cfg.model_dump_json()) == cfg

@@ -1,0 +1,86 @@
+"""Registration, idempotency and alias moves against a real MLflow SQLite store."""
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from canaryflow.config import load_config
+from canaryflow.errors import CanaryflowError
+from canaryflow.registry import models
+from canaryflow.registry.tracking import find_run, pipeline_run, sqlite_uri
+
+
+def _evaluation(passed: bool) -> dict:
+    return {
+        "metrics": {"challenger": {"bleu": 31.5, "chrf": 45.0}, "champion": None},
+        "champion_version": None,
+        "gate": {"passed": passed, "reasons": ["ok bleu floor: 31.50 >= floor 15.00"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, trained):
+    workdir = tmp_path_factory.mktemp("registry")
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(workdir)}", "registry.model_name=unit"])
+    first = models.register_candidate(cfg, "run-a", trained[0], _evaluation(True), {"data_hash": "abc"})
+    return cfg, first
+
+
+def test_register_tags_lineage_and_sets_challenger(registry):
+    cfg, version = registry
+    mv = MlflowClient().get_model_version("unit", version)
+    assert mv.tags["data_hash"] == "abc"
+    assert mv.tags["gate.passed"] == "true"
+    assert mv.tags["metric.bleu"] == "31.5000"
+    assert mv.tags["canaryflow.run_key"] == "run-a"
+    assert len(mv.tags["git_commit"]) in (7, 40) or mv.tags["git_commit"] == "unknown"
+    assert models.aliases(cfg)["challenger"] == version
+    assert (models.model_uri(cfg, version)) == f"models:/unit/{version}"
+
+
+def test_a_retried_step_registers_nothing_twice(registry, trained):
+    cfg, version = registry
+    again = models.register_candidate(cfg, "run-a", trained[0], _evaluation(True), {"data_hash": "abc"})
+    assert again == version
+    assert len(MlflowClient().search_model_versions("name='unit'")) == 1
+
+
+def test_failed_gate_is_registered_without_alias(registry, trained):
+    cfg, first = registry
+    version = models.register_candidate(cfg, "run-b", trained[0], _evaluation(False), {"data_hash": "abc"})
+    assert version != first
+    assert MlflowClient().get_model_version("unit", version).tags["gate.passed"] == "false"
+    assert models.aliases(cfg)["challenger"] == first
+
+
+def test_registered_model_loads_and_generates(registry):
+    cfg, version = registry
+    generator = models.load_generator(cfg, version)
+    assert isinstance(generator.generate(["name: Ada | job: baker"], max_new_tokens=5)[0], str)
+    pyfunc = mlflow.pyfunc.load_model(models.model_uri(cfg, "challenger").replace("/challenger", "@challenger"))
+    assert len(pyfunc.predict(["name: Ada", "name: Bo"])) == 2
+
+
+def test_promotion_is_compare_and_set_and_rollback_keeps_champion(registry, trained):
+    cfg, first = registry
+    second = models.register_candidate(cfg, "run-c", trained[0], _evaluation(True), {"data_hash": "abc"})
+    aliases = models.promote(cfg, first, None, "smoke ok")
+    assert aliases["champion"] == first and aliases["previous-champion"] is None
+    with pytest.raises(CanaryflowError, match="champion moved"):
+        models.promote(cfg, second, None, "stale decision")  # the decision saw no champion
+    aliases = models.promote(cfg, second, first, "canary ok")
+    assert aliases == {"champion": second, "challenger": None, "previous-champion": first}
+    third = models.register_candidate(cfg, "run-d", trained[0], _evaluation(True), {"data_hash": "abc"})
+    aliases = models.reject(cfg, third, "error rate")
+    assert aliases["champion"] == second and aliases["challenger"] is None
+    assert MlflowClient().get_model_version("unit", third).tags["canary.verdict"] == "rolled_back"
+
+
+def test_steps_of_one_pipeline_run_share_one_mlflow_run(registry):
+    cfg, _ = registry
+    with pipeline_run(cfg, "shared-key") as first:
+        mlflow.log_metric("a", 1)
+    with pipeline_run(cfg, "shared-key") as second:
+        mlflow.log_metric("b", 2)
+    assert first.info.run_id == second.info.run_id
+    assert set(find_run(cfg, "shared-key").data.metrics) == {"a", "b"}
