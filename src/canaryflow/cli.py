@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
 
@@ -81,16 +81,25 @@ class RunProgress:
         self.current: int | None = None
         self.current_step: str | None = None
 
+        self.started = False
+
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._finish_current()
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.stop()
+
+    def _start(self) -> None:
+        # Started on the first event, so a run refused up front prints its error line and nothing else.
+        if not self.started:
+            self.progress.start()
+            self.started = True
 
     def phase(self, text: str) -> None:
         self._finish_current()
+        self._start()
         self.console.print(f"[cyan]{text}")
 
     def _finish_current(self) -> None:
@@ -109,6 +118,7 @@ class RunProgress:
         started = _TASK_START.search(line)
         if started and started.group(1) in STEP_LABELS:
             self._finish_current()
+            self._start()
             self.current_step = started.group(1)
             self.current = self.progress.add_task(STEP_LABELS[started.group(1)], total=None, info="")
 
@@ -266,13 +276,15 @@ def main() -> None:
     _quiet_libraries()
     try:
         app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+    except TyperException as exc:  # usage errors: unknown option, missing value, bad type
+        message = exc.format_message()
+        if message:  # empty when help was shown for a bare command group
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except CanaryflowError as exc:
         summary = getattr(exc, "summary", None)

@@ -3,7 +3,7 @@ import pytest
 from canaryflow.config import CanaryConfig
 from canaryflow.rollout.analysis import Observation, VariantStats, judge_step, percentile, summarize
 
-POLICY = CanaryConfig(min_requests_per_step=10, max_error_rate=0.1, max_p95_ms=500, max_p95_ratio=2.0,
+POLICY = CanaryConfig(min_requests_per_step=10, smoke_requests=15, max_error_rate=0.1, max_p95_ms=500, max_p95_ratio=2.0,
                       min_chrf=30, chrf_margin=5)
 
 
@@ -33,6 +33,8 @@ def test_summarize_per_variant():
         (stats(), stats(), True, []),
         (stats(), None, True, []),  # smoke check: absolute SLOs only
         (stats(requests=5), stats(), False, ["enough requests"]),
+        (stats(requests=12), stats(), True, []),
+        (stats(requests=12), None, False, ["enough requests"]),  # the smoke check wants smoke_requests
         (stats(errors=3), stats(), False, ["error rate"]),
         (stats(p95=600), None, False, ["p95 latency"]),
         (stats(p95=250), stats(p95=100), False, ["p95 vs champion"]),

@@ -60,11 +60,12 @@ def judge_step(challenger: VariantStats, champion: VariantStats | None, policy: 
 
     Too few challenger requests fails: a step that cannot decide by its limit rolls back.
     """
+    needed = policy.min_requests_per_step if champion is not None else policy.smoke_requests
     checks = [
         Check(
             "enough requests",
-            challenger.requests >= policy.min_requests_per_step,
-            f"{challenger.requests} challenger requests (need {policy.min_requests_per_step})",
+            challenger.requests >= needed,
+            f"{challenger.requests} challenger requests (need {needed})",
         )
     ]
     if challenger.requests == 0:

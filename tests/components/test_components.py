@@ -1,0 +1,118 @@
+"""Each KFP component through `.python_func`, with real artifact objects on temporary paths, chained as
+the DAG chains them, against a real MLflow SQLite store and real model servers."""
+
+import json
+
+import pytest
+from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+from mlflow import MlflowClient
+
+from canaryflow.components.canary_rollout import canary_rollout
+from canaryflow.components.evaluate_model import evaluate_model
+from canaryflow.components.fine_tune import fine_tune
+from canaryflow.components.prepare_data import prepare_data
+from canaryflow.components.record_outcome import record_outcome
+from canaryflow.components.register_model import register_model
+from canaryflow.registry.tracking import sqlite_uri
+from tests.conftest import demo_config
+
+
+def _artifact(kind, tmp_path, name):
+    return kind(name=name, uri=str(tmp_path / name), metadata={})
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, demo_files):
+    tmp = tmp_path_factory.mktemp("components")
+    cfg = demo_config(
+        demo_files,
+        f"mlflow.tracking_uri={sqlite_uri(tmp / 'workdir')}",
+        "train.max_steps=40",
+        "gate.floors={bleu: 0.0}",
+        "canary.min_chrf=0",
+        "canary.smoke_requests=8",
+        "canary.concurrency=2",
+    )
+    ids = {"config_json": cfg.model_dump_json(), "run_key": "", "job_id": "job-1"}
+    out = {"cfg": cfg, "ids": ids, "tmp": tmp}
+    out["data"] = _artifact(Dataset, tmp, "data")
+    prepare_data.python_func(data=out["data"], **ids)
+    out["model"], out["train_metrics"] = _artifact(Model, tmp, "model"), _artifact(Metrics, tmp, "train_metrics")
+    fine_tune.python_func(data=out["data"], model=out["model"], metrics=out["train_metrics"], **ids)
+    out["evaluation"] = _artifact(Artifact, tmp, "evaluation")
+    out["eval_metrics"], out["report"] = _artifact(Metrics, tmp, "eval_metrics"), _artifact(Markdown, tmp, "report.md")
+    out["gate_passed"] = evaluate_model.python_func(
+        data=out["data"], model=out["model"], evaluation=out["evaluation"], metrics=out["eval_metrics"],
+        report=out["report"], **ids,
+    )
+    out["version"] = register_model.python_func(
+        data=out["data"], model=out["model"], evaluation=out["evaluation"], **ids
+    )
+    out["canary"] = _artifact(Artifact, tmp, "canary")
+    out["verdict"] = canary_rollout.python_func(
+        data=out["data"], model_version=out["version"], canary=out["canary"], **ids
+    )
+    out["summary"] = _artifact(Artifact, tmp, "summary.json")
+    record_outcome.python_func(summary=out["summary"], **ids)
+    return out
+
+
+def test_prepare_data_fills_the_dataset_artifact(chain):
+    data = chain["data"]
+    assert {"train.parquet", "validation.parquet", "test.parquet", "data_card.json"} <= {
+        p.name for p in (chain["tmp"] / "data").iterdir()
+    }
+    assert data.metadata["train_rows"] == 270 and len(data.metadata["content_hash"]) == 64
+
+
+def test_fine_tune_writes_model_and_metrics(chain):
+    assert (chain["tmp"] / "model" / "model.safetensors").is_file()
+    assert chain["train_metrics"].metadata["steps"] == 40
+
+
+def test_evaluate_model_returns_the_gate_and_a_report(chain):
+    assert chain["gate_passed"] is True
+    assert chain["eval_metrics"].metadata["bleu"] >= 0
+    assert (chain["tmp"] / "report.md").read_text().startswith("# Evaluation")
+    evaluation = json.loads((chain["tmp"] / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["metrics"]["champion"] is None  # nothing served yet
+
+
+def test_register_and_canary_promote_the_first_model_after_a_smoke_check(chain):
+    assert chain["version"] == "1"
+    assert chain["verdict"] == "promoted"
+    canary = json.loads((chain["tmp"] / "canary" / "canary.json").read_text())
+    assert canary["mode"] == "smoke" and canary["steps"][0]["challenger"]["requests"] >= 8
+    assert canary["aliases"]["champion"] == "1"
+    assert chain["canary"].metadata["verdict"] == "promoted"
+
+
+def test_record_outcome_summarises_the_run(chain):
+    summary = json.loads((chain["tmp"] / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["run_key"] == "job-1"  # job id stands in for run_key
+    assert summary["registry"]["aliases"]["champion"] == "1"
+    assert summary["gate"]["passed"] is True and summary["canary"]["verdict"] == "promoted"
+    assert summary["data"]["counts"]["train"] == 270
+    run = MlflowClient().get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["canaryflow.status"] == "succeeded"
+
+
+def test_evaluate_scores_the_champion_from_the_registry(chain):
+    # The champion is the same model as the challenger here, so the two must score identically.
+    tmp, ids = chain["tmp"], dict(chain["ids"], job_id="job-2")
+    evaluation = _artifact(Artifact, tmp, "evaluation-2")
+    evaluate_model.python_func(
+        data=chain["data"], model=chain["model"], evaluation=evaluation,
+        metrics=_artifact(Metrics, tmp, "m2"), report=_artifact(Markdown, tmp, "r2.md"), **ids,
+    )
+    result = json.loads((tmp / "evaluation-2" / "evaluation.json").read_text())
+    assert result["champion_version"] == "1"
+    for name in ("bleu", "chrf", "rougeL", "token_f1"):
+        assert result["metrics"]["champion"][name] == result["metrics"]["challenger"][name]
+
+
+def test_record_outcome_names_the_step_that_did_not_finish(chain):
+    tmp, ids = chain["tmp"], dict(chain["ids"], job_id="job-never-ran")
+    record_outcome.python_func(summary=_artifact(Artifact, tmp, "failed.json"), **ids)
+    summary = json.loads((tmp / "failed.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_step"] == "prepare_data"

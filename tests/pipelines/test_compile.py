@@ -1,0 +1,69 @@
+"""`canaryflow compile` writes KFP IR YAML that kfp loads back, with the cluster settings from config."""
+
+import yaml
+from kfp import components
+
+from tests.conftest import run_cli
+
+
+def _compile(tmp_path, *sets):
+    path = tmp_path / "pipeline.yaml"
+    args = ["compile", "-o", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return path, yaml.safe_load(path.read_text())
+
+
+def test_compiled_yaml_loads_back_in_kfp(tmp_path):
+    path, _ = _compile(tmp_path)
+    pipeline = components.load_component_from_file(str(path))
+    assert pipeline.name == "canaryflow-lifecycle"
+    assert {"config_json", "run_key"} <= set(pipeline.component_spec.inputs)
+
+
+def test_fine_tune_asks_for_the_configured_accelerators(tmp_path):
+    _, spec = _compile(tmp_path, "train.accelerator_limit=4", "train.accelerator_type=nvidia.com/gpu")
+    resources = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "4"
+    others = [k for k, v in spec["deploymentSpec"]["executors"].items() if "resources" in v["container"]]
+    assert others == ["exec-fine-tune"]
+
+
+def test_cpu_only_config_asks_for_no_accelerator(tmp_path):
+    _, spec = _compile(tmp_path, "train.accelerator_limit=0")
+    assert "resources" not in spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]
+
+
+def test_the_gate_guards_the_canary_and_an_exit_handler_records_the_outcome(tmp_path):
+    _, spec = _compile(tmp_path)
+    root = spec["root"]["dag"]["tasks"]
+    assert root["record-outcome"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    condition = next(task for name, task in inner.items() if name.startswith("condition"))
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] == true"
+    )
+    branch = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(branch) == ["canary-rollout"]
+
+
+def test_retries_and_caching(tmp_path):
+    _, spec = _compile(tmp_path)
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert inner["prepare-data"].get("cachingOptions") == {}  # caching off: the data source changes
+    assert inner["fine-tune"]["cachingOptions"] == {"enableCache": True}
+    for task in ("evaluate-model", "register-model"):
+        assert inner[task]["retryPolicy"]["maxRetryCount"] >= 1
+
+
+def test_images_come_from_the_one_constant_and_skip_installing_kfp(tmp_path):
+    from canaryflow.images import BASE_IMAGE, TRAIN_IMAGE
+
+    _, spec = _compile(tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {BASE_IMAGE, TRAIN_IMAGE}
+    for executor in executors.values():
+        assert "pip install" not in " ".join(executor["container"]["command"])

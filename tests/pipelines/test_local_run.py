@@ -1,0 +1,94 @@
+"""The whole DAG run locally through kfp.local, as `canaryflow run` runs it, on the tiny model."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from canaryflow.config import load_config
+from canaryflow.registry import models
+from canaryflow.registry.tracking import sqlite_uri
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _registry(workdir):
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(workdir)}"])
+    models.configure(cfg)
+    versions = MlflowClient().search_model_versions(f"name='{cfg.registry.model_name}'")
+    return cfg, {str(v.version): v for v in versions}
+
+
+def test_summary_has_the_documented_keys(lifecycle_run):
+    _, summary = lifecycle_run
+    for key in ("data", "train", "metrics", "gate", "canary", "registry", "duration_s"):
+        assert key in summary, key
+    assert set(summary["metrics"]) == {"challenger", "champion"}
+    assert {"passed", "reasons"} <= set(summary["gate"])
+    assert "verdict" in summary["canary"] and "aliases" in summary["registry"]
+
+
+def test_metric_floors_on_held_out_entities(lifecycle_run):
+    _, summary = lifecycle_run
+    challenger, champion = summary["metrics"]["challenger"], summary["metrics"]["champion"]
+    assert challenger["bleu"] >= 20.0
+    assert challenger["chrf"] >= 35.0
+    assert challenger["rougeL"] >= 45.0
+    assert champion is not None and champion["bleu"] >= 10.0  # the bootstrap champion, scored on the same test set
+    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
+
+
+def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
+    workdir, summary = lifecycle_run
+    assert summary["bootstrap"]["version"] == "1"
+    assert summary["bootstrap"]["canary"]["verdict"] == "promoted"
+    assert summary["bootstrap"]["canary"]["mode"] == "smoke"
+    assert summary["version"] == "2"
+    assert summary["gate"]["passed"] is True
+    assert summary["canary"]["mode"] == "canary"
+    assert summary["canary"]["champion_version"] == "1" and summary["canary"]["challenger_version"] == "2"
+    aliases = summary["registry"]["aliases"]
+    if summary["canary"]["verdict"] == "promoted":
+        assert aliases == {"champion": "2", "challenger": None, "previous-champion": "1"}
+    else:
+        assert aliases == {"champion": "1", "challenger": None, "previous-champion": None}
+    cfg, versions = _registry(workdir)
+    assert set(versions) == {"1", "2"}
+    assert models.aliases(cfg) == aliases
+    assert versions["2"].tags["gate.passed"] == "true"
+    assert versions["2"].tags["canary.verdict"] == summary["canary"]["verdict"]
+    assert versions["2"].tags["data_hash"] == summary["data"]["content_hash"]
+
+
+def test_a_second_run_trains_a_new_challenger_against_the_champion(lifecycle_run):
+    workdir, first = lifecycle_run
+    champion_before = first["registry"]["aliases"]["champion"]
+    # Far too little training: the gate must reject it, and nothing may move.
+    result = run_cli("run", "--json", "--workdir", str(workdir), "--set", "train.max_steps=15")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["demo_drop"] == 3 and "bootstrap" not in summary
+    assert summary["version"] == "3"
+    assert summary["gate"]["passed"] is False
+    assert any(reason.startswith("FAIL") for reason in summary["gate"]["reasons"])
+    assert summary["canary"]["verdict"] == "not_run"
+    assert summary["registry"]["aliases"]["champion"] == champion_before
+    _, versions = _registry(workdir)
+    assert versions["3"].tags["gate.passed"] == "false"
+    assert "canary.verdict" not in versions["3"].tags
+
+
+def test_a_failing_step_is_one_line_and_registers_nothing(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"input": "a", "label": "b"}\n' * 30)
+    result = run_cli(
+        "run", "--workdir", str(tmp_path / "wd"),
+        "--set", f"data.train={data}", "--set", f"data.validation={data}", "--set", f"data.test={data}",
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: step prepare_data failed: data.train: missing column 'target'")
+    assert "Traceback" not in result.stderr
+    _, versions = _registry(tmp_path / "wd")
+    assert versions == {}
