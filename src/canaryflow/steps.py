@@ -129,18 +129,20 @@ def _load_logged(run, path: str) -> dict | None:
 
 
 def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
-    """Exit handler: build the run's summary from what the steps logged, whether or not they all ran."""
+    """Exit handler: build the run's summary from what the steps logged, whether or not they all ran.
+
+    A run that failed before its first step logged anything still gets an MLflow run, marked FAILED, so
+    reviewers see every attempt, not only the ones that got far.
+    """
     import mlflow
     from mlflow import MlflowClient
 
     from canaryflow.registry import models
-    from canaryflow.registry.tracking import find_run
+    from canaryflow.registry.tracking import pipeline_run
 
     cfg = Config.from_json(config_json)
-    run = find_run(cfg, run_key)
-    if run is None:
-        summary = {"status": "failed", "failed_step": STEPS[0], "run_key": run_key}
-    else:
+    with pipeline_run(cfg, run_key) as active:
+        run = MlflowClient().get_run(active.info.run_id)
         tags = run.data.tags
         evaluation = _load_logged(run, "evaluation/evaluation.json")
         needed = STEPS if evaluation is None or evaluation["gate"]["passed"] else STEPS[:-1]
@@ -162,9 +164,8 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
             "registry": {"model_name": cfg.registry.model_name, "aliases": models.aliases(cfg)},
             "duration_s": round(time.time() - run.info.start_time / 1000, 1),
         }
-        with mlflow.start_run(run_id=run.info.run_id):
-            mlflow.log_dict(summary, "summary.json")
-            mlflow.set_tag("canaryflow.status", summary["status"])
-        MlflowClient().set_terminated(run.info.run_id, "FINISHED" if not missing else "FAILED")
+        mlflow.log_dict(summary, "summary.json")
+        mlflow.set_tag("canaryflow.status", summary["status"])
+    MlflowClient().set_terminated(run.info.run_id, "FAILED" if missing else "FINISHED")
     Path(out_path).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -116,3 +116,4 @@ def test_record_outcome_names_the_step_that_did_not_finish(chain):
     record_outcome.python_func(summary=_artifact(Artifact, tmp, "failed.json"), **ids)
     summary = json.loads((tmp / "failed.json").read_text())
     assert summary["status"] == "failed" and summary["failed_step"] == "prepare_data"
+    assert MlflowClient().get_run(summary["mlflow_run_id"]).info.status == "FAILED"
