@@ -243,7 +243,8 @@ def data_check(
 @app.command()
 def serve(
     model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory.")],
-    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1; 0 picks a free one.")] = 8080,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")] = 8080,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 inside a container.")] = "127.0.0.1",
     workdir: WorkdirOpt = Path(".canaryflow"),
     tracking_uri: TrackingOpt = None,
 ) -> None:
@@ -255,7 +256,7 @@ def serve(
 
     mlflow.set_tracking_uri(tracking_uri or sqlite_uri(workdir))
     mlflow.set_registry_uri(tracking_uri or sqlite_uri(workdir))
-    code = serve_main(["--model-uri", model_uri, "--port", str(port)])
+    code = serve_main(["--model-uri", model_uri, "--host", host, "--port", str(port)])
     if code:
         raise typer.Exit(code)
 

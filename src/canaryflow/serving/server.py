@@ -93,6 +93,7 @@ def make_handler(generator, variant: str, model_version: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve one canaryflow model over HTTP on loopback.")
     parser.add_argument("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container (KServe)")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--port-file", help="write the bound port here once the model is loaded")
     parser.add_argument("--variant", default="primary", help="label on metrics: champion, challenger, ...")
@@ -104,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"error: cannot load model {args.model_uri}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    server = serve_in_thread(make_handler(generator, args.variant, args.model_version), port=args.port)
+    server = serve_in_thread(make_handler(generator, args.variant, args.model_version), args.host, args.port)
     port = server.server_address[1]
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(port))
         os.replace(tmp, args.port_file)  # atomic: a reader never sees a half-written port
-    print(f"serving {args.model_uri} as {args.variant} on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    print(f"serving {args.model_uri} as {args.variant} on http://{args.host}:{port}", file=sys.stderr, flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
