@@ -267,16 +267,20 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # mlflow sets its logger's level from this when it is imported, after anything set here.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def main() -> None:
     """Entry point: one clear error line and a meaningful exit code, never a traceback for known failures."""
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode, typer.Exit raised by a command comes back as a return value.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

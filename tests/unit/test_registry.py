@@ -84,3 +84,18 @@ def test_steps_of_one_pipeline_run_share_one_mlflow_run(registry):
         mlflow.log_metric("b", 2)
     assert first.info.run_id == second.info.run_id
     assert set(find_run(cfg, "shared-key").data.metrics) == {"a", "b"}
+
+
+def test_review_rows_show_verdicts_and_aliases(registry):
+    from canaryflow.registry.review import plot_metric_history, version_rows
+
+    cfg, _ = registry
+    rows = version_rows(cfg)
+    assert [r["version"] for r in rows] == sorted(r["version"] for r in rows) and len(rows) >= 2
+    held = {r["alias"]: r["version"] for r in rows if r["alias"]}
+    assert {alias: str(v) for alias, v in held.items()} == {
+        alias: v for alias, v in models.aliases(cfg).items() if v is not None
+    }
+    assert {r["gate"] for r in rows} <= {"passed", "failed"} and rows[0]["bleu"] == 31.5
+    ax = plot_metric_history(rows)
+    assert len(ax.patches) == 2 * len(rows)
