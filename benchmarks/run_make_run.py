@@ -35,14 +35,19 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def time_make_run(workdir: Path) -> tuple[float, dict]:
     started = time.perf_counter()
     result = subprocess.run(
         [str(REPO / ".venv" / "bin" / "canaryflow"), "run", "--json", "--workdir", str(workdir)],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
@@ -72,7 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="canaryflow-bench-") as tmp:
         elapsed, summary = time_make_run(Path(tmp) / "run")
         baseline = time_training_baseline(Path(tmp) / "baseline")
-    steps = f"{summary['bootstrap']['duration_s']} s bootstrap run + {summary['duration_s'] - summary['bootstrap']['duration_s']:.1f} s challenger run"
+    boot_s = summary["bootstrap"]["duration_s"]
+    steps = f"{boot_s} s bootstrap run + {summary['duration_s'] - boot_s:.1f} s challenger run"
     section = "\n".join(
         [
             BEGIN,
@@ -82,19 +88,21 @@ def main() -> None:
             "",
             "| what | seconds | ratio |",
             "| --- | ---: | ---: |",
-            f"| `canaryflow run` on a fresh workdir (bootstrap champion, then challenger + canary) | {elapsed:.1f} | {elapsed / baseline:.2f}x baseline |",
+            "| `canaryflow run` on a fresh workdir (bootstrap champion, then challenger + canary) "
+            f"| {elapsed:.1f} | {elapsed / baseline:.2f}x baseline |",
             f"| baseline: the same two fine-tunes in one process, nothing else | {baseline:.1f} | 1.00x |",
             f"| budget from the foundation issue | {BUDGET_S:.0f} | {elapsed / BUDGET_S:.2f} of budget |",
             "",
             f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
-            f"{summary['canary']['requests']} requests; challenger BLEU {summary['metrics']['challenger']['bleu']:.1f} "
-            f"vs champion {summary['metrics']['champion']['bleu']:.1f}.",
+            f"{summary['canary']['requests']} requests; challenger BLEU "
+            f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
             "Reproduce: `make bench` (about 6 minutes).",
             END,
         ]
     )
     path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\nFigures come from `benchmarks/`; each is a ratio against a baseline measured in the same run.\n"
+    header = "# Benchmarks\n\nFigures come from `benchmarks/`, each a ratio against a baseline of the same run.\n"
+    text = path.read_text() if path.is_file() else header
     if BEGIN in text:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
     else:

@@ -85,8 +85,14 @@ def lifecycle_run(tmp_path_factory):
     """
     workdir = tmp_path_factory.mktemp("lifecycle")
     result = run_cli(
-        "run", "--json", "--workdir", str(workdir),
-        "--set", "train.max_steps=350", "--set", "demo.bootstrap_max_steps=200",
+        "run",
+        "--json",
+        "--workdir",
+        str(workdir),
+        "--set",
+        "train.max_steps=350",
+        "--set",
+        "demo.bootstrap_max_steps=200",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, json.loads(result.stdout)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from canaryflow import progress
 from canaryflow.errors import CanaryflowError
@@ -143,7 +143,9 @@ def render_summary(summary: dict, console: Console) -> None:
     table.add_column("what")
     table.add_column("value")
     counts = data.get("counts", {})
-    table.add_row("data", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (hash {data.get('content_hash', '')[:12]})")
+    table.add_row(
+        "data", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (hash {data.get('content_hash', '')[:12]})"
+    )
     table.add_row(
         "training",
         f"loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}, "
@@ -242,7 +244,9 @@ def data_check(
 
 @app.command()
 def serve(
-    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory.")],
+    model_uri: Annotated[
+        str, typer.Option("--model-uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory.")
+    ],
     port: Annotated[int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")] = 8080,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 inside a container.")] = "127.0.0.1",
     workdir: WorkdirOpt = Path(".canaryflow"),
@@ -301,7 +305,9 @@ def main() -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # the last resort: still one line, with the type to search for
-        print(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        print(
+            f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr
+        )
         sys.exit(1)
 
 

@@ -110,7 +110,9 @@ class CanaryConfig(_Section):
     max_p95_ms: float = Field(2000.0, gt=0, description="Absolute p95 latency ceiling for the challenger.")
     max_p95_ratio: float = Field(2.5, gt=0, description="Challenger p95 may be at most this times the champion's.")
     min_chrf: float = Field(30.0, ge=0, description="Lowest mean online chrF that passes (where references exist).")
-    chrf_margin: float = Field(5.0, ge=0, description="How far below the champion's online chrF the challenger may fall.")
+    chrf_margin: float = Field(
+        5.0, ge=0, description="How far below the champion's online chrF the challenger may fall."
+    )
     server_start_timeout_s: float = Field(120.0, gt=0, description="Time a model server gets to answer /health.")
     num_threads: int = Field(1, gt=0, description="torch threads per model server.")
 
@@ -143,7 +145,7 @@ class Config(_Section):
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         return _validate(json.loads(text))
 
     @property

@@ -18,7 +18,7 @@ class Decision:
     checks: tuple[Check, ...] = field(default_factory=tuple)
 
     @classmethod
-    def of(cls, checks: list[Check]) -> "Decision":
+    def of(cls, checks: list[Check]) -> Decision:
         return cls(passed=all(c.passed for c in checks), checks=tuple(checks))
 
     @property

@@ -164,8 +164,12 @@ def preflight(cfg: Config) -> None:
         raise BadInputError(f"model.task {cfg.model.task!r} is not supported yet; use seq2seq")
 
 
-def run_lifecycle(cfg: Config, workdir: Path, on_line: LineCallback = lambda line: None,
-                  on_phase: Callable[[str], None] = lambda text: None) -> dict:
+def run_lifecycle(
+    cfg: Config,
+    workdir: Path,
+    on_line: LineCallback = lambda line: None,
+    on_phase: Callable[[str], None] = lambda text: None,
+) -> dict:
     """`canaryflow run`: one DAG run, preceded on the demo task by a bootstrap run when there is no champion."""
     from canaryflow.registry import models
 

@@ -106,7 +106,6 @@ def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir
 
 
 def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: str, out_dir: str) -> dict:
-    import mlflow
 
     from canaryflow.registry.tracking import pipeline_run
     from canaryflow.rollout.controller import canary_rollout

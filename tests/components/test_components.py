@@ -42,8 +42,12 @@ def chain(tmp_path_factory, demo_files):
     out["evaluation"] = _artifact(Artifact, tmp, "evaluation")
     out["eval_metrics"], out["report"] = _artifact(Metrics, tmp, "eval_metrics"), _artifact(Markdown, tmp, "report.md")
     out["gate_passed"] = evaluate_model.python_func(
-        data=out["data"], model=out["model"], evaluation=out["evaluation"], metrics=out["eval_metrics"],
-        report=out["report"], **ids,
+        data=out["data"],
+        model=out["model"],
+        evaluation=out["evaluation"],
+        metrics=out["eval_metrics"],
+        report=out["report"],
+        **ids,
     )
     out["version"] = register_model.python_func(
         data=out["data"], model=out["model"], evaluation=out["evaluation"], **ids
@@ -102,8 +106,12 @@ def test_evaluate_scores_the_champion_from_the_registry(chain):
     tmp, ids = chain["tmp"], dict(chain["ids"], job_id="job-2")
     evaluation = _artifact(Artifact, tmp, "evaluation-2")
     evaluate_model.python_func(
-        data=chain["data"], model=chain["model"], evaluation=evaluation,
-        metrics=_artifact(Metrics, tmp, "m2"), report=_artifact(Markdown, tmp, "r2.md"), **ids,
+        data=chain["data"],
+        model=chain["model"],
+        evaluation=evaluation,
+        metrics=_artifact(Metrics, tmp, "m2"),
+        report=_artifact(Markdown, tmp, "r2.md"),
+        **ids,
     )
     result = json.loads((tmp / "evaluation-2" / "evaluation.json").read_text())
     assert result["champion_version"] == "1"
@@ -117,3 +125,25 @@ def test_record_outcome_names_the_step_that_did_not_finish(chain):
     summary = json.loads((tmp / "failed.json").read_text())
     assert summary["status"] == "failed" and summary["failed_step"] == "prepare_data"
     assert MlflowClient().get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_a_canary_that_cannot_run_rolls_back_and_fails(chain):
+    from canaryflow.errors import CanaryflowError
+    from canaryflow.registry import models
+    from canaryflow.rollout.controller import canary_rollout as rollout
+
+    cfg = chain["cfg"]
+    version = models.register_candidate(
+        cfg,
+        "job-3",
+        chain["tmp"] / "model",
+        {"metrics": {"challenger": {}}, "gate": {"passed": True, "reasons": []}},
+        {"data_hash": "x"},
+    )
+    assert models.aliases(cfg)["challenger"] == version
+    impatient = cfg.model_copy(update={"canary": cfg.canary.model_copy(update={"server_start_timeout_s": 0.01})})
+    with pytest.raises(CanaryflowError, match="did not come up in time"):
+        rollout(impatient, chain["tmp"] / "data", version, "job-3", chain["tmp"] / "canary-3")
+    assert models.aliases(cfg)["challenger"] is None
+    assert models.aliases(cfg)["champion"] == "1"
+    assert MlflowClient().get_model_version(cfg.registry.model_name, version).tags["canary.verdict"] == "rolled_back"

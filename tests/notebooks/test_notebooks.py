@@ -1,7 +1,5 @@
 """The notebooks run top to bottom against a real registry written by the whole DAG."""
 
-import os
-
 import nbformat
 import pytest
 from nbclient import NotebookClient

@@ -12,8 +12,9 @@ from tests.conftest import run_cli
 
 
 def test_data_check_prints_the_data_card(tmp_path):
-    result = run_cli("data", "check", "--json", "--workdir", str(tmp_path), "--set", "demo.records_per_drop=100",
-                     timeout=300)
+    result = run_cli(
+        "data", "check", "--json", "--workdir", str(tmp_path), "--set", "demo.records_per_drop=100", timeout=300
+    )
     assert result.returncode == 0, result.stderr
     card = json.loads(result.stdout)
     assert card["counts"]["train"] == 90 and card["test_inputs"] == 160
@@ -25,15 +26,15 @@ def test_data_check_rejects_bad_data_in_one_line(tmp_path):
     bad.write_text("text,label\nhello,1\n")
     result = run_cli("data", "check", "--workdir", str(tmp_path), "--set", f"data.train={bad}", timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: data.train: missing column 'input'; the columns are text, label"
-    )
+    assert result.stderr.strip() == ("error: data.train: missing column 'input'; the columns are text, label")
 
 
 def test_serve_answers_predict_over_http(trained):
     process = subprocess.Popen(
         [sys.executable, "-m", "canaryflow.cli", "serve", "--model-uri", str(trained[0]), "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ},
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
     )
     try:
         deadline = time.monotonic() + 120
@@ -41,8 +42,11 @@ def test_serve_answers_predict_over_http(trained):
         while time.monotonic() < deadline and "serving" not in line:
             line = process.stderr.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
-        request = urllib.request.Request(url + "/predict", data=b'{"inputs": ["name: Ada | job: baker"]}',
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url + "/predict",
+            data=b'{"inputs": ["name: Ada | job: baker"]}',
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as resp:
             assert len(json.loads(resp.read())["predictions"]) == 1
     finally:

@@ -83,8 +83,15 @@ def test_a_failing_step_is_one_line_and_registers_nothing(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"input": "a", "label": "b"}\n' * 30)
     result = run_cli(
-        "run", "--workdir", str(tmp_path / "wd"),
-        "--set", f"data.train={data}", "--set", f"data.validation={data}", "--set", f"data.test={data}",
+        "run",
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--set",
+        f"data.train={data}",
+        "--set",
+        f"data.validation={data}",
+        "--set",
+        f"data.test={data}",
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -3,8 +3,15 @@ import pytest
 from canaryflow.config import CanaryConfig
 from canaryflow.rollout.analysis import Observation, VariantStats, judge_step, percentile, summarize
 
-POLICY = CanaryConfig(min_requests_per_step=10, smoke_requests=15, max_error_rate=0.1, max_p95_ms=500, max_p95_ratio=2.0,
-                      min_chrf=30, chrf_margin=5)
+POLICY = CanaryConfig(
+    min_requests_per_step=10,
+    smoke_requests=15,
+    max_error_rate=0.1,
+    max_p95_ms=500,
+    max_p95_ratio=2.0,
+    min_chrf=30,
+    chrf_margin=5,
+)
 
 
 def stats(requests=20, errors=0, p95=100.0, chrf=50.0):
@@ -19,8 +26,11 @@ def test_percentile_is_nearest_rank():
 
 
 def test_summarize_per_variant():
-    obs = [Observation("challenger", True, 10, 40), Observation("challenger", False, 900),
-           Observation("champion", True, 20, 60)]
+    obs = [
+        Observation("challenger", True, 10, 40),
+        Observation("challenger", False, 900),
+        Observation("champion", True, 20, 60),
+    ]
     s = summarize(obs, "challenger")
     assert (s.requests, s.errors, s.error_rate, s.p95_ms, s.mean_chrf) == (2, 1, 0.5, 10, 40)
     empty = summarize(obs, "nobody")

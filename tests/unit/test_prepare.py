@@ -41,8 +41,13 @@ def test_split_carved_from_train_keeps_inputs_apart(tmp_path):
 
 
 def test_cleaning_drops_and_counts_bad_rows(tmp_path, demo_files):
-    rows = [{"input": "a b", "target": "c"}, {"input": "  ", "target": "x"}, {"input": "a b", "target": "c"},
-            {"input": None, "target": "y"}, {"input": "d", "target": "e"}]
+    rows = [
+        {"input": "a b", "target": "c"},
+        {"input": "  ", "target": "x"},
+        {"input": "a b", "target": "c"},
+        {"input": None, "target": "y"},
+        {"input": "d", "target": "e"},
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     card = prepare_data(demo_config(dict(demo_files, train=path)), tmp_path / "out")

@@ -147,9 +147,7 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> dict:
     for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
         shared = seen[a] & seen[b]
         if shared:
-            raise BadInputError(
-                f"data: {len(shared)} input(s) appear in both {a} and {b}, e.g. {sorted(shared)[0]!r}"
-            )
+            raise BadInputError(f"data: {len(shared)} input(s) appear in both {a} and {b}, e.g. {sorted(shared)[0]!r}")
 
     out.mkdir(parents=True, exist_ok=True)
     splits["train"].to_parquet(out / "train.parquet", index=False)

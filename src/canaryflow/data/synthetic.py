@@ -113,9 +113,7 @@ def generate_drop(drop: int, records: int, test_records: int) -> dict[str, list[
     def pairs(recs: list[dict[str, str]]) -> list[dict[str, str]]:
         return [{"input": render_input(r), "target": render_targets(r)[0]} for r in recs]
 
-    test_rows = [
-        {"input": render_input(r), "target": target} for r in test for target in render_targets(r)
-    ]
+    test_rows = [{"input": render_input(r), "target": target} for r in test for target in render_targets(r)]
     return {"train": pairs(train), "validation": pairs(validation), "test": test_rows}
 
 

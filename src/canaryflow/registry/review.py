@@ -5,11 +5,12 @@ Used by the review notebook (and meant for `canaryflow registry list`), so both 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from canaryflow.config import Config
 from canaryflow.registry.models import ALIASES, aliases
 from canaryflow.registry.tracking import configure
+
 
 def version_rows(cfg: Config) -> list[dict]:
     """One row per registered version, oldest first."""
@@ -22,9 +23,7 @@ def version_rows(cfg: Config) -> list[dict]:
         tags = mv.tags
         row = {
             "version": int(mv.version),
-            "registered": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).strftime(
-                "%Y-%m-%d %H:%M:%S"
-            ),
+            "registered": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
             "alias": held.get(str(mv.version), ""),
             "gate": {"true": "passed", "false": "failed"}.get(tags.get("gate.passed", ""), "-"),
             "canary": tags.get("canary.verdict", "not run"),
@@ -34,6 +33,7 @@ def version_rows(cfg: Config) -> list[dict]:
         row.update({k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")})
         rows.append(row)
     return sorted(rows, key=lambda r: r["version"])
+
 
 def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "chrf"), ax=None):
     """Bars of each version's metrics, coloured by outcome: a glance shows what was promoted and why."""
@@ -56,5 +56,6 @@ def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "c
     ax.set_title("registered versions (hatched: gate failed; green edge: promoted; red: rolled back)")
     ax.legend()
     return ax
+
 
 ALIAS_NAMES = ALIASES

@@ -104,8 +104,9 @@ def run_canary(
     with LocalBackend(
         servers, cfg.canary.num_threads, cfg.canary.server_start_timeout_s, cfg.canary.request_timeout_s, log_dir, env
     ) as backend:
-        replayer = Replayer(backend.router.url, inputs, references, cfg.canary.concurrency,
-                            cfg.canary.request_timeout_s)
+        replayer = Replayer(
+            backend.router.url, inputs, references, cfg.canary.concurrency, cfg.canary.request_timeout_s
+        )
         try:
             for weight in weights:
                 split = {CHALLENGER: weight, CHAMPION: 100 - weight} if champion is not None else {CHALLENGER: 100}
@@ -143,14 +144,19 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
         raise CanaryflowError(f"version {version} is already the champion")
     test = read_pairs(data_dir, "test")
     out = Path(out_dir)
-    result = run_canary(
-        cfg,
-        (models.model_uri(cfg, version), version),
-        (models.model_uri(cfg, champion_version), champion_version) if champion_version else None,
-        list(test["input"]),
-        [list(refs) for refs in test["references"]],
-        out / "logs",
-    )
+    try:
+        result = run_canary(
+            cfg,
+            (models.model_uri(cfg, version), version),
+            (models.model_uri(cfg, champion_version), champion_version) if champion_version else None,
+            list(test["input"]),
+            [list(refs) for refs in test["references"]],
+            out / "logs",
+        )
+    except Exception as exc:
+        # No verdict is a rollback: the challenger must not keep its alias as if it were still in canary.
+        models.reject(cfg, version, f"canary could not run: {exc}")
+        raise
     result["champion_version"] = champion_version
     result["challenger_version"] = version
     if result["verdict"] == "promoted":

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from canaryflow.errors import CanaryflowError
-from canaryflow.serving.http import JsonHandler, RequestError, serve_in_thread
+from canaryflow.serving.http import RequestError, ServiceHandler, serve_in_thread
 
 
 def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, dict]:
@@ -33,20 +33,28 @@ def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, dict]:
 
 
 class ModelServerProcess:
-    def __init__(self, model_uri: str, variant: str, model_version: str, num_threads: int, log_dir: Path,
-                 env: dict[str, str]):
+    def __init__(
+        self, model_uri: str, variant: str, model_version: str, num_threads: int, log_dir: Path, env: dict[str, str]
+    ):
         self.variant = variant
         self._port_file = Path(tempfile.mkdtemp(prefix=f"canaryflow-{variant}-")) / "port"
         self.log_path = log_dir / f"server-{variant}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "canaryflow.serving.server",
-                "--model-uri", model_uri,
-                "--variant", variant,
-                "--model-version", model_version,
-                "--num-threads", str(num_threads),
-                "--port-file", str(self._port_file),
+                sys.executable,
+                "-m",
+                "canaryflow.serving.server",
+                "--model-uri",
+                model_uri,
+                "--variant",
+                variant,
+                "--model-version",
+                model_version,
+                "--num-threads",
+                str(num_threads),
+                "--port-file",
+                str(self._port_file),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -88,7 +96,9 @@ class Router:
         self._lock = threading.Lock()
         self.registry = CollectorRegistry()
         self._requests = Counter(
-            "canaryflow_router_requests", "Requests routed, by variant and status.", ("variant", "code"),
+            "canaryflow_router_requests",
+            "Requests routed, by variant and status.",
+            ("variant", "code"),
             registry=self.registry,
         )
         self._weight = Gauge(
@@ -118,23 +128,15 @@ class Router:
             return next(name for name, weight in self.weights.items() if weight)
 
     def _handler(self):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         router = self
 
-        class RouterHandler(JsonHandler):
-            def do_GET(self):
-                if self.path == "/metrics":
-                    self.send_bytes(200, generate_latest(router.registry), CONTENT_TYPE_LATEST)
-                elif self.path == "/health":
-                    self.send_json(200, {"weights": router.weights})
-                else:
-                    self.send_json(404, {"error": f"no route {self.path}"})
+        class RouterHandler(ServiceHandler):
+            registry = router.registry
 
-            def do_POST(self):
-                if self.path != "/predict":
-                    self.send_json(404, {"error": f"no route {self.path}"})
-                    return
+            def health(self) -> dict:
+                return {"weights": router.weights}
+
+            def predict(self) -> None:
                 variant = router.pick()
                 try:
                     status, body, headers = post_json(
@@ -158,8 +160,15 @@ class Router:
 class LocalBackend:
     """Champion (optional) and challenger servers plus the router; a context manager that always cleans up."""
 
-    def __init__(self, servers: dict[str, tuple[str, str]], num_threads: int, start_timeout: float,
-                 request_timeout: float, log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        servers: dict[str, tuple[str, str]],
+        num_threads: int,
+        start_timeout: float,
+        request_timeout: float,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ):
         self._specs = servers  # variant -> (model uri, model version)
         self._env = env or {}
         self._num_threads = num_threads
@@ -169,7 +178,7 @@ class LocalBackend:
         self.servers: dict[str, ModelServerProcess] = {}
         self.router: Router | None = None
 
-    def __enter__(self) -> "LocalBackend":
+    def __enter__(self) -> LocalBackend:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         try:
             for variant, (uri, version) in self._specs.items():

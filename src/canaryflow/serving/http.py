@@ -66,6 +66,35 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(obj).encode("utf-8"), "application/json", headers)
 
 
+class ServiceHandler(JsonHandler):
+    """The routes the model server and the router share: GET /health, GET /metrics, POST /predict."""
+
+    registry = None  # the prometheus_client CollectorRegistry that /metrics exposes
+
+    def health(self) -> dict:
+        raise NotImplementedError
+
+    def predict(self) -> None:
+        """Answer one POST /predict (the subclass sends the response)."""
+        raise NotImplementedError
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.send_json(200, self.health())
+        elif self.path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            self.send_bytes(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        else:
+            self.send_json(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self):
+        if self.path == "/predict":
+            self.predict()
+        else:
+            self.send_json(404, {"error": f"no route {self.path}"})
+
+
 def serve_in_thread(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0):
     """Start a threaded server on loopback in a daemon thread; return it (its port is server_address[1])."""
     server = ThreadingHTTPServer((host, port), handler)

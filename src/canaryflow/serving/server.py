@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from canaryflow.serving.http import JsonHandler, RequestError, serve_in_thread
+from canaryflow.serving.http import RequestError, ServiceHandler, serve_in_thread
 
 MAX_INPUTS = 64
 MAX_INPUT_CHARS = 4096
@@ -33,34 +33,30 @@ def load_generator(model_uri: str, num_threads: int):
 
 
 def make_handler(generator, variant: str, model_version: str):
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    registry = CollectorRegistry()
+    metrics_registry = CollectorRegistry()
     labels = ("variant", "model_version")
-    requests = Counter("canaryflow_server_requests", "Predict requests by outcome.", (*labels, "code"), registry=registry)
+    requests = Counter(
+        "canaryflow_server_requests", "Predict requests by outcome.", (*labels, "code"), registry=metrics_registry
+    )
     latency = Histogram(
         "canaryflow_server_latency_seconds",
         "Predict latency.",
         labels,
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        registry=registry,
+        registry=metrics_registry,
     )
     # One generation at a time: concurrent torch calls on a small CPU only thrash each other's caches.
     lock = threading.Lock()
 
-    class ModelHandler(JsonHandler):
-        def do_GET(self):
-            if self.path == "/health":
-                self.send_json(200, {"status": "ok", "variant": variant, "model_version": model_version})
-            elif self.path == "/metrics":
-                self.send_bytes(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            else:
-                self.send_json(404, {"error": f"no route {self.path}"})
+    class ModelHandler(ServiceHandler):
+        registry = metrics_registry
 
-        def do_POST(self):
-            if self.path != "/predict":
-                self.send_json(404, {"error": f"no route {self.path}"})
-                return
+        def health(self) -> dict:
+            return {"status": "ok", "variant": variant, "model_version": model_version}
+
+        def predict(self) -> None:
             started = time.perf_counter()
             try:
                 inputs = self._inputs(self.read_json())

@@ -82,9 +82,9 @@ def fine_tune(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dict:
 
     def encode(batch):
         enc = tokenizer(batch["input"], max_length=cfg.data.max_source_length, truncation=True)
-        enc["labels"] = tokenizer(
-            text_target=batch["target"], max_length=cfg.data.max_target_length, truncation=True
-        )["input_ids"]
+        enc["labels"] = tokenizer(text_target=batch["target"], max_length=cfg.data.max_target_length, truncation=True)[
+            "input_ids"
+        ]
         return enc
 
     def to_dataset(frame):
@@ -109,6 +109,7 @@ def fine_tune(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dict:
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     callback = _progress_callback(total)
     trainer = Seq2SeqTrainer(

@@ -27,7 +27,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     # T5 expects every sequence to end with </s>.
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)

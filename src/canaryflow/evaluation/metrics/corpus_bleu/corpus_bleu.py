@@ -3,8 +3,7 @@
 import evaluate
 import sacrebleu
 
-from canaryflow.evaluation.metric_base import reference_streams
-from canaryflow.evaluation.metric_base import text_features
+from canaryflow.evaluation.metric_base import reference_streams, text_features
 
 _DESCRIPTION = "sacreBLEU corpus BLEU (0-100). Predictions may have different numbers of references."
 _INPUTS = """
@@ -14,7 +13,6 @@ Args:
 Returns:
     score: corpus BLEU; bp: brevity penalty; sys_len, ref_len: lengths in tokens.
 """
-
 
 
 class CorpusBleu(evaluate.Metric):

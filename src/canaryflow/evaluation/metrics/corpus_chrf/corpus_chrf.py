@@ -3,8 +3,7 @@
 import evaluate
 import sacrebleu
 
-from canaryflow.evaluation.metric_base import reference_streams
-from canaryflow.evaluation.metric_base import text_features
+from canaryflow.evaluation.metric_base import reference_streams, text_features
 
 _INPUTS = """
 Args:
