@@ -79,7 +79,6 @@ class RunProgress:
             transient=False,
         )
         self.current: int | None = None
-        self.current_step: str | None = None
 
         self.started = False
 
@@ -119,7 +118,6 @@ class RunProgress:
         if started and started.group(1) in STEP_LABELS:
             self._finish_current()
             self._start()
-            self.current_step = started.group(1)
             self.current = self.progress.add_task(STEP_LABELS[started.group(1)], total=None, info="")
 
 
@@ -127,6 +125,28 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _canary_table(canary: dict) -> Table:
+    table = Table(title=f"canary steps ({canary.get('mode')}): challenger vs champion")
+    for column in ("traffic", "requests", "error rate", "p95 ms", "online chrF", "step"):
+        table.add_column(column, justify="right")
+    for step in canary["steps"]:
+        new, old = step["challenger"], step.get("champion") or {}
+
+        def pair(key: str, digits: int = 1, new=new, old=old) -> str:
+            mine = _fmt(new.get(key), digits)
+            return f"{mine} vs {_fmt(old.get(key), digits)}" if old.get("requests") else mine
+
+        table.add_row(
+            f"{step['weight']}%",
+            f"{new['requests']} of {step['requests']}",
+            pair("error_rate", 3),
+            pair("p95_ms"),
+            pair("mean_chrf"),
+            "[green]pass" if step["passed"] else "[red]roll back",
+        )
+    return table
 
 
 def render_summary(summary: dict, console: Console) -> None:
@@ -144,7 +164,10 @@ def render_summary(summary: dict, console: Console) -> None:
     table.add_column("value")
     counts = data.get("counts", {})
     table.add_row(
-        "data", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (hash {data.get('content_hash', '')[:12]})"
+        "data",
+        f"train {counts.get('train')}, validation {counts.get('validation')}, "
+        f"test {data.get('test_inputs')} inputs / {counts.get('test')} references "
+        f"(hash {data.get('content_hash', '')[:12]})",
     )
     table.add_row(
         "training",
@@ -165,6 +188,8 @@ def render_summary(summary: dict, console: Console) -> None:
     for reason in gate.get("reasons", []):
         console.print(f"  {reason}")
     canary = summary.get("canary") or {}
+    if canary.get("steps"):
+        console.print(_canary_table(canary))
     console.print(
         f"Canary ({canary.get('mode', '-')}): [bold]{canary.get('verdict')}[/] "
         f"{canary.get('reason', '')} ({canary.get('requests', 0)} requests)"

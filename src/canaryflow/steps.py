@@ -127,6 +127,14 @@ def _load_logged(run, path: str) -> dict | None:
         return None
 
 
+def _canary_summary(canary: dict | None) -> dict:
+    """The canary's verdict and each step's SLIs and reasons (the per-check detail stays in MLflow)."""
+    if canary is None:
+        return {"verdict": "not_run"}
+    steps = [{k: v for k, v in step.items() if k != "checks"} for step in canary["steps"]]
+    return {**{k: v for k, v in canary.items() if k != "steps"}, "steps": steps}
+
+
 def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
     """Exit handler: build the run's summary from what the steps logged, whether or not they all ran.
 
@@ -159,7 +167,7 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
             if evaluation
             else None,
             "version": tags.get("registered_version"),
-            "canary": {k: v for k, v in canary.items() if k != "steps"} if canary else {"verdict": "not_run"},
+            "canary": _canary_summary(canary),
             "registry": {"model_name": cfg.registry.model_name, "aliases": models.aliases(cfg)},
             "duration_s": round(time.time() - run.info.start_time / 1000, 1),
         }

@@ -99,3 +99,20 @@ def test_a_failing_step_is_one_line_and_registers_nothing(tmp_path):
     assert "Traceback" not in result.stderr
     _, versions = _registry(tmp_path / "wd")
     assert versions == {}
+
+
+def test_summary_renders_for_a_person(lifecycle_run):
+    import io
+
+    from rich.console import Console
+
+    from canaryflow.cli import render_summary
+
+    _, summary = lifecycle_run
+    assert [step["weight"] for step in summary["canary"]["steps"]][0] == 10
+    out = io.StringIO()
+    render_summary(summary, Console(file=out, width=160))
+    text = out.getvalue()
+    for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "10%"):
+        assert expected in text, expected
+    assert f"{summary['data']['test_inputs']} inputs" in text
