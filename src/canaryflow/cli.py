@@ -246,25 +246,31 @@ def data_check(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
     json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Load, validate, clean and split the data, and print its data card."""
-    from canaryflow.data.prepare import prepare_data
-    from canaryflow.runner import next_demo_drop, with_demo_drop
+    """Load, validate, clean and split the data, and print its data card (with drift against the champion)."""
+    from rich.markdown import Markdown
 
-    cfg = _load(config, set_)
+    from canaryflow.data.card import render_markdown
+    from canaryflow.data.prepare import prepare_data
+    from canaryflow.registry.models import champion_data_card
+    from canaryflow.runner import next_demo_drop, with_demo_drop, with_workdir
+
+    workdir = workdir.resolve()
+    cfg = _load(config, set_, tracking_uri)
     if cfg.uses_demo_data:
-        cfg = with_demo_drop(cfg, workdir.resolve(), next_demo_drop(workdir.resolve()))
-    card = prepare_data(cfg, workdir / "data-check")
+        cfg = with_demo_drop(cfg, workdir, next_demo_drop(workdir))
+    # Only an existing registry is read: checking data must not create one.
+    has_registry = bool(cfg.mlflow.tracking_uri) or (workdir / "mlflow.db").is_file()
+    card = prepare_data(
+        cfg,
+        workdir / "data-check",
+        reference=lambda: champion_data_card(with_workdir(cfg, workdir)) if has_registry else None,
+    )
     if json_out:
         print(json.dumps(card))
-        return
-    console = _console()
-    table = Table(title="data card")
-    table.add_column("what")
-    table.add_column("value")
-    for key, value in card.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    console.print(table)
+    else:
+        _console().print(Markdown(render_markdown(card)))
 
 
 @app.command()

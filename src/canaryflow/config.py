@@ -44,6 +44,16 @@ class DataConfig(_Section):
     split_seed: int = Field(42, description="Seed of the split when validation/test are carved out of train.")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of inputs split off for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of inputs split off for test.")
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="Share of null, empty or non-text rows a split may hold before it is refused."
+    )
+    min_split_rows: int = Field(10, ge=1, description="Fewest rows a split may have after cleaning and deduplication.")
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate", description="Inputs over max_source_length words: keep them (truncated when tokenized) or drop."
+    )
+    drift_threshold: float | None = Field(
+        None, ge=0, le=1, description="Fail when drift against the champion's data exceeds this; unset: report only."
+    )
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod

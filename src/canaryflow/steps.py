@@ -36,13 +36,18 @@ def config_hash(cfg: Config) -> str:
 def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     import mlflow
 
+    from canaryflow.data.card import render_markdown
     from canaryflow.data.prepare import prepare_data
+    from canaryflow.registry.models import champion_data_card
     from canaryflow.registry.tracking import pipeline_run
 
     cfg = Config.from_json(config_json)
-    card = prepare_data(cfg, out_dir)
+    card = prepare_data(cfg, out_dir, reference=lambda: champion_data_card(cfg))
     with pipeline_run(cfg, run_key):
         mlflow.log_dict(card, "data/data_card.json")
+        mlflow.log_text(render_markdown(card), "data/data_card.md")
+        if card["drift"]:
+            mlflow.log_metrics({f"drift.{name}": value for name, value in card["drift"]["distance"].items()})
         mlflow.log_metrics({f"data.{split}": n for split, n in card["counts"].items()})
         mlflow.set_tags({"data_hash": card["content_hash"], "config_hash": config_hash(cfg)})
         _mark_done("prepare_data")

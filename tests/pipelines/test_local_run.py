@@ -59,6 +59,8 @@ def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
     assert versions["2"].tags["gate.passed"] == "true"
     assert versions["2"].tags["canary.verdict"] == summary["canary"]["verdict"]
     assert versions["2"].tags["data_hash"] == summary["data"]["content_hash"]
+    drift = summary["data"]["drift"]  # measured against the data the bootstrap champion was trained on
+    assert drift["champion_version"] == "1" and 0 <= drift["distance"]["vocabulary"] < 0.5
 
 
 def test_a_second_run_trains_a_new_challenger_against_the_champion(lifecycle_run):

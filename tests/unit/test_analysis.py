@@ -1,7 +1,8 @@
 import pytest
 
 from canaryflow.config import CanaryConfig
-from canaryflow.rollout.analysis import Observation, VariantStats, judge_step, percentile, summarize
+from canaryflow.rollout.analysis import Observation, VariantStats, judge_step, summarize
+from canaryflow.stats import percentile
 
 POLICY = CanaryConfig(
     min_requests_per_step=10,

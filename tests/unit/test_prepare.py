@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pandas as pd
@@ -40,38 +41,116 @@ def test_split_carved_from_train_keeps_inputs_apart(tmp_path):
     assert sum(card["counts"].values()) == 200
 
 
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_cleaning_drops_and_counts_bad_rows(tmp_path, demo_files):
     rows = [
         {"input": "a b", "target": "c"},
         {"input": "  ", "target": "x"},
         {"input": "a b", "target": "c"},
         {"input": None, "target": "y"},
+        {"input": 7, "target": "z"},
         {"input": "d", "target": "e"},
     ]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    card = prepare_data(demo_config(dict(demo_files, train=path)), tmp_path / "out")
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    cfg = demo_config(dict(demo_files, train=path), "data.max_invalid_fraction=0.6", "data.min_split_rows=1")
+    card = prepare_data(cfg, tmp_path / "out")
     assert card["counts"]["train"] == 2
-    assert card["dropped"] == {"not_text": 1, "empty": 1}
+    assert card["dropped"] == {"null": 1, "not_text": 1, "empty": 1}
     assert card["duplicates"]["train"] == 1
+
+
+def test_too_many_invalid_rows_are_refused(tmp_path, demo_files):
+    rows = [{"input": f"q{i}", "target": "a"} for i in range(90)] + [{"input": None, "target": "a"}] * 10
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(BadInputError) as err:
+        prepare_data(demo_config(dict(demo_files, train=path)), tmp_path / "out")
+    assert str(err.value) == (
+        "data.train: 10 of 100 rows (10.0%) are null, empty or not text (null 10), over data.max_invalid_fraction 5.0%"
+    )
+    card = prepare_data(demo_config(dict(demo_files, train=path), "data.max_invalid_fraction=0.1"), tmp_path / "out2")
+    assert card["dropped"]["null"] == 10
+
+
+def test_every_row_dropped_is_refused(tmp_path, demo_files):
+    path = _jsonl(tmp_path / "train.jsonl", [{"input": " ", "target": "x"}] * 3)
+    with pytest.raises(BadInputError, match="every row was dropped by cleaning"):
+        prepare_data(demo_config(dict(demo_files, train=path), "data.max_invalid_fraction=1"), tmp_path / "o")
+
+
+def test_a_split_below_the_minimum_is_refused(tmp_path, demo_files):
+    path = _jsonl(tmp_path / "test.jsonl", [{"input": f"zz{i}", "target": "a"} for i in range(4)] * 3)
+    with pytest.raises(BadInputError) as err:
+        prepare_data(demo_config(dict(demo_files, test=path)), tmp_path / "out")
+    assert str(err.value) == "data.test: 4 rows after cleaning and deduplication, fewer than data.min_split_rows 10"
+
+
+@pytest.mark.parametrize("policy, kept", [("truncate", 12), ("drop", 10)])
+def test_overlong_inputs_are_reported_then_truncated_or_dropped(tmp_path, demo_files, policy, kept):
+    rows = [{"input": f"short {i}", "target": "t"} for i in range(10)]
+    rows += [{"input": " ".join(["w"] * 40) + f" {i}", "target": "t"} for i in range(2)]
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    cfg = demo_config(dict(demo_files, train=path), "data.max_source_length=30", f"data.overlength={policy}")
+    card = prepare_data(cfg, tmp_path / "out")
+    assert card["overlength"]["rows"]["train"] == 2 and card["overlength"]["policy"] == policy
+    assert card["counts"]["train"] == kept
+    assert card["dropped"].get("too_long", 0) == 12 - kept
+
+
+def test_several_references_are_grouped_for_evaluation_only(tmp_path, demo_files):
+    test_rows = [{"input": f"in {i}", "target": f"ref {i} {k}"} for i in range(10) for k in range(i % 3 + 1)]
+    path = _jsonl(tmp_path / "test.jsonl", test_rows)
+    card = prepare_data(demo_config(dict(demo_files, test=path)), tmp_path / "out")
+    grouped = read_pairs(tmp_path / "out", "test").set_index("input")["references"]
+    assert card["test_inputs"] == 10 and card["counts"]["test"] == len(test_rows)
+    assert list(grouped["in 2"]) == ["ref 2 0", "ref 2 1", "ref 2 2"]
+    assert list(grouped["in 3"]) == ["ref 3 0"]
+
+
+def test_card_has_lengths_profile_and_markdown(prepared):
+    out, card = prepared
+    stats = card["lengths"]["train"]["input"]
+    assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    assert abs(sum(card["profile"]["length_histogram"].values()) - 1) < 1e-9
+    assert abs(sum(card["profile"]["vocabulary"].values()) - 1) < 1e-3
+    markdown = (out / "data_card.md").read_text()
+    assert markdown.startswith("# Data card") and card["content_hash"] in markdown
 
 
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("train.jsonl", None, "file not found"),
-        ("train.xml", "<a/>", "unknown format '.xml'"),
-        ("train.jsonl", '{"input": "a", "target": "b"}\n{"input": "broken\n', "cannot read"),
-        ("train.csv", "source,label\nx,y\n", "missing column 'input'; the columns are source, label"),
+        ("train.jsonl", None, "data.train: file not found"),
+        ("train.jsonl", b"", "data.train: file is empty: train.jsonl"),
+        ("train.csv", b"input,target\n", "data.train: no rows in train.csv"),
+        ("train.xml", b"<a/>", "data.train: unknown format '.xml'"),
+        ("train.jsonl", b'{"input": "a", "target": "b"}\n{"input": "broken\n', "data.train: cannot read train.jsonl"),
+        (
+            "train.jsonl",
+            b"\x00\xff\xfe garbage \x81",
+            "data.train: train.jsonl is not UTF-8 text (byte 0xff at offset 1)",
+        ),
+        ("train.csv", "input,target\ncafé,x\n".encode("latin-1"), "data.train: train.csv is not UTF-8 text"),
+        ("train.csv", b"input,target\na,b\nc,d,e,f\n", "data.train: cannot read train.csv"),
+        (
+            "train.jsonl",
+            gzip.compress(b'{"input": "a", "target": "b"}\n'),
+            "data.train: train.jsonl is gzip-compressed",
+        ),
+        ("train.parquet", b"input,target\n", "data.train: train.parquet is not a parquet file"),
+        ("train.csv", b"source,label\nx,y\n", "data.train: missing column 'input'; the columns are source, label"),
     ],
 )
 def test_bad_files_are_one_line_errors(tmp_path, demo_files, name, content, message):
     path = tmp_path / name
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content)
     with pytest.raises(BadInputError) as err:
         prepare_data(demo_config(dict(demo_files, train=path)), tmp_path / "out")
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()  # nothing written downstream
 
 

@@ -101,6 +101,21 @@ def register_candidate(
     return version
 
 
+def champion_data_card(cfg: Config) -> tuple[str, dict] | None:
+    """The serving champion's version and the data card of the run that trained it, or None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version = alias_version(cfg, CHAMPION)
+    if version is None:
+        return None
+    run_id = _client().get_model_version(cfg.registry.model_name, version).run_id
+    try:
+        return version, mlflow.artifacts.load_dict(f"runs:/{run_id}/data/data_card.json")
+    except (MlflowException, OSError, ValueError):
+        return None  # registered without a data card (by hand, or by an older canaryflow)
+
+
 def load_generator(cfg: Config, ref: str):
     """Load a registered version (`ref` is an alias or a version number) for in-process generation."""
     import mlflow.pyfunc

@@ -6,11 +6,11 @@ later issue; the shape `judge_step(...) -> Decision` stays.)
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from canaryflow.config import CanaryConfig
 from canaryflow.decision import Check, Decision
+from canaryflow.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,6 @@ class VariantStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile: always an observed value, so a p95 is a latency someone really saw."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def summarize(observations: list[Observation], variant: str) -> VariantStats:

@@ -1,0 +1,120 @@
+"""The data card: what the data stage kept and dropped, how long the texts are, and how the inputs have
+moved since the data the serving champion was trained on.
+
+The input profile (a length histogram on fixed bins and the vocabulary's top words) is stored in every
+card, so that any two cards can be compared the same way: drift is the Jensen-Shannon distance between
+their distributions (0: identical, 1: disjoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from canaryflow.stats import percentile
+
+LENGTH_BINS = (0, 4, 8, 16, 32, 64, 128, 256, 512)  # words; fixed, so histograms from any run line up
+TOP_WORDS = 500
+OTHER = "<other>"
+
+
+def length_percentiles(lengths: pd.Series) -> dict[str, float]:
+    if lengths.empty:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    values = lengths.tolist()
+    stats = {f"p{q}": int(percentile(values, q)) for q in (50, 90, 99)}
+    return {**stats, "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)}
+
+
+def _bin_label(words: int) -> str:
+    for low, high in zip(LENGTH_BINS, LENGTH_BINS[1:]):
+        if words < high:
+            return f"{low}-{high - 1}"
+    return f"{LENGTH_BINS[-1]}+"
+
+
+def input_profile(texts: pd.Series) -> dict[str, dict[str, float]]:
+    """Length histogram and top-word frequencies of the inputs, each as shares summing to 1."""
+    total = max(len(texts), 1)
+    histogram = Counter(_bin_label(len(t.split())) for t in texts)
+    words = Counter(word for t in texts for word in t.lower().split())
+    n_words = max(sum(words.values()), 1)
+    top = {word: count / n_words for word, count in words.most_common(TOP_WORDS)}
+    top[OTHER] = max(0.0, 1.0 - sum(top.values()))
+    return {
+        "length_histogram": {label: count / total for label, count in sorted(histogram.items())},
+        "vocabulary": {word: round(share, 6) for word, share in top.items()},
+    }
+
+
+def js_distance(p: dict[str, float], q: dict[str, float]) -> float:
+    """Jensen-Shannon distance (base 2, so in [0, 1]) between two discrete distributions given as dicts."""
+    keys = set(p) | set(q)
+    p_sum, q_sum = sum(p.values()) or 1.0, sum(q.values()) or 1.0
+    divergence = 0.0
+    for key in keys:
+        a, b = p.get(key, 0.0) / p_sum, q.get(key, 0.0) / q_sum
+        m = (a + b) / 2
+        if a:
+            divergence += 0.5 * a * math.log2(a / m)
+        if b:
+            divergence += 0.5 * b * math.log2(b / m)
+    return round(math.sqrt(max(divergence, 0.0)), 6)
+
+
+def drift(profile: dict, reference: dict) -> dict[str, float]:
+    return {
+        "input_length": js_distance(profile["length_histogram"], reference["length_histogram"]),
+        "vocabulary": js_distance(profile["vocabulary"], reference["vocabulary"]),
+    }
+
+
+def render_markdown(card: dict) -> str:
+    lines = [
+        "# Data card",
+        "",
+        "| split | rows | duplicates removed | over-long inputs |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    over = card.get("overlength", {}).get("rows", {})
+    for split, rows in card["counts"].items():
+        lines.append(f"| {split} | {rows} | {card['duplicates'].get(split, '-')} | {over.get(split, '-')} |")
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in card["dropped"].items() if n) or "none"
+    lines += [
+        "",
+        f"- Test inputs: {card['test_inputs']} (rows sharing an input are scored against all their references).",
+        f"- Dropped rows by reason: {dropped}.",
+        f"- Content hash: `{card['content_hash']}`.",
+        "",
+    ]
+    lines += [
+        "## Lengths (words)",
+        "",
+        "| split | column | p50 | p90 | p99 | max |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for split, columns in card.get("lengths", {}).items():
+        for column, stats in columns.items():
+            lines.append(f"| {split} | {column} | {stats['p50']} | {stats['p90']} | {stats['p99']} | {stats['max']} |")
+    drift_info = card.get("drift")
+    lines += ["", "## Drift against the champion's training data", ""]
+    if drift_info is None:
+        lines.append("Nothing to compare with: no champion yet, or its data card has no input profile.")
+    else:
+        lines.append(
+            f"Reference: version {drift_info['champion_version']} (data hash `{drift_info['reference_hash'][:12]}`)."
+        )
+        lines.append("")
+        lines += [f"- {name}: Jensen-Shannon distance {value:.3f}" for name, value in drift_info["distance"].items()]
+        if drift_info.get("threshold") is not None:
+            lines.append(f"- threshold: {drift_info['threshold']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(card: dict, out: Path) -> None:
+    (out / "data_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    (out / "data_card.md").write_text(render_markdown(card), encoding="utf-8")

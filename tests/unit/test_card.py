@@ -1,0 +1,68 @@
+"""Data card statistics and drift against the champion's training data."""
+
+import pandas as pd
+import pytest
+
+from canaryflow.data.card import drift, input_profile, js_distance, length_percentiles, render_markdown
+from canaryflow.data.prepare import prepare_data
+from canaryflow.errors import BadInputError
+from tests.conftest import demo_config
+
+
+def test_js_distance_bounds():
+    p = {"a": 0.5, "b": 0.5}
+    assert js_distance(p, p) == 0
+    assert js_distance(p, {"c": 1.0}) == pytest.approx(1.0)
+    assert 0 < js_distance(p, {"a": 0.9, "b": 0.1}) < 1
+    assert js_distance(p, {"a": 0.9, "b": 0.1}) == js_distance({"a": 0.9, "b": 0.1}, p)
+
+
+def test_length_percentiles():
+    stats = length_percentiles(pd.Series(range(1, 101)))
+    assert (stats["p50"], stats["p90"], stats["p99"], stats["max"]) == (50, 90, 99, 100)
+
+
+def test_profile_of_shifted_inputs_drifts():
+    base = pd.Series([f"name: person {i} | job: baker" for i in range(200)])
+    same = pd.Series([f"name: person {i} | job: baker" for i in range(200, 400)])
+    shifted = pd.Series([f"a much longer complaint about invoice {i} " * 6 for i in range(200)])
+    close, far = drift(input_profile(same), input_profile(base)), drift(input_profile(shifted), input_profile(base))
+    assert close["input_length"] == 0 and close["vocabulary"] < 0.6
+    assert far["input_length"] > 0.9 and far["vocabulary"] > 0.9
+
+
+def test_drift_against_the_champion_is_recorded_and_can_fail_the_run(prepared, demo_files, tmp_path):
+    _, champion_card = prepared
+    shifted = tmp_path / "train.jsonl"
+    shifted.write_text(
+        "".join(
+            f'{{"input": "refund request {i} for order {i * 7} placed last week", "target": "ok"}}\n'
+            for i in range(100)
+        )
+    )
+    files = dict(demo_files, train=shifted)
+    card = prepare_data(demo_config(files), tmp_path / "out", reference=lambda: ("4", champion_card))
+    assert card["drift"]["champion_version"] == "4"
+    assert card["drift"]["distance"]["vocabulary"] > 0.5
+    assert "Jensen-Shannon distance" in render_markdown(card)
+    with pytest.raises(BadInputError) as err:
+        prepare_data(
+            demo_config(files, "data.drift_threshold=0.3"), tmp_path / "o2", reference=lambda: ("4", champion_card)
+        )
+    assert "against champion version 4's training data is over data.drift_threshold 0.300" in str(err.value)
+    assert not (tmp_path / "o2").exists()
+    same = prepare_data(
+        demo_config(demo_files, "data.drift_threshold=0.3"), tmp_path / "o3", reference=lambda: ("4", champion_card)
+    )
+    assert same["drift"]["distance"] == {"input_length": 0.0, "vocabulary": 0.0}
+
+
+def test_the_reference_is_not_read_for_bad_data(tmp_path, demo_files):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+
+    def reference():
+        raise AssertionError("the registry must not be touched for bad data")
+
+    with pytest.raises(BadInputError, match="file is empty"):
+        prepare_data(demo_config(dict(demo_files, train=empty)), tmp_path / "out", reference=reference)
