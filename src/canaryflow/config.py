@@ -37,6 +37,14 @@ class DataConfig(_Section):
     )
     validation: list[str] | None = Field(None, description="Validation file(s); unset: split from train.")
     test: list[str] | None = Field(None, description="Test file(s); unset: split from train.")
+    dataset: str | None = Field(
+        None, description="A Hugging Face dataset id (or a local dataset folder) instead of train/validation/test."
+    )
+    dataset_config: str | None = Field(None, description="The dataset's configuration name, if it has several.")
+    dataset_splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"},
+        description="Which of the dataset's splits serves as train, validation and test.",
+    )
     input_column: str = Field("input", min_length=1, description="Column holding the model input text.")
     target_column: str = Field("target", min_length=1, description="Column holding the reference output text.")
     max_source_length: int = Field(128, gt=0, description="Inputs longer than this (in tokens) are truncated.")
@@ -160,7 +168,7 @@ class Config(_Section):
 
     @property
     def uses_demo_data(self) -> bool:
-        return self.data.train is None
+        return self.data.train is None and self.data.dataset is None
 
 
 def _validate(raw: dict[str, Any]) -> Config:

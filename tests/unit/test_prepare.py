@@ -157,3 +157,42 @@ def test_bad_files_are_one_line_errors(tmp_path, demo_files, name, content, mess
 def test_leakage_across_splits_is_refused(tmp_path, demo_files):
     with pytest.raises(BadInputError, match="appear in both train and test"):
         prepare_data(demo_config(dict(demo_files, test=demo_files["train"])), tmp_path / "out")
+
+
+def test_one_split_may_mix_formats(tmp_path, demo_files):
+    rows = [{"input": f"mixed {i}", "target": f"t {i}"} for i in range(30)]
+    _jsonl(tmp_path / "a.jsonl", rows[:10])
+    pd.DataFrame(rows[10:20]).to_csv(tmp_path / "b.csv", index=False)
+    pd.DataFrame(rows[20:]).to_parquet(tmp_path / "c.parquet", index=False)
+    cfg = demo_config(demo_files)
+    cfg.data.train = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv"), str(tmp_path / "c.parquet")]
+    card = prepare_data(cfg, tmp_path / "out")
+    assert card["counts"]["train"] == 30
+    assert set(read_pairs(tmp_path / "out", "train")["input"]) == {r["input"] for r in rows}
+
+
+def test_a_hub_dataset_id_offline_is_one_clear_line(tmp_path):
+    from canaryflow.config import load_config
+
+    cfg = load_config(overrides=["data.dataset=someone/some-dataset"])
+    with pytest.raises(BadInputError) as err:
+        prepare_data(cfg, tmp_path / "out")
+    assert str(err.value) == (
+        "data.dataset 'someone/some-dataset' cannot be loaded: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1)"
+    )
+
+
+def test_a_local_dataset_folder_loads_through_datasets(tmp_path):
+    from canaryflow.config import load_config
+
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(120)])
+    _jsonl(folder / "test.jsonl", [{"q": f"held out {i}", "a": f"answer {i}"} for i in range(12)])
+    cfg = load_config(overrides=[f"data.dataset={folder}", "data.input_column=q", "data.target_column=a"])
+    card = prepare_data(cfg, tmp_path / "out")
+    assert card["counts"]["test"] == 12  # the dataset's own test split
+    assert card["counts"]["validation"] == 12 and card["counts"]["train"] == 108  # validation carved from train
+    both = load_config(overrides=[f"data.dataset={folder}", "data.train=x.jsonl"])
+    with pytest.raises(BadInputError, match="either data.dataset or data.train"):
+        prepare_data(both, tmp_path / "out2")

@@ -12,6 +12,7 @@ import codecs
 import glob
 import hashlib
 import json
+import os
 import random
 import tempfile
 from collections.abc import Callable
@@ -41,18 +42,17 @@ def resolve_files(patterns: list[str], split: str) -> list[Path]:
     return files
 
 
-def _format_of(files: list[Path], split: str) -> tuple[str, dict]:
-    suffixes = {p.suffix.lower() for p in files}
-    unknown = suffixes - set(_FORMATS)
-    if unknown:
-        raise BadInputError(
-            f"data.{split}: unknown format {sorted(unknown)[0]!r}; use one of {', '.join(sorted(_FORMATS))}"
-        )
-    builders = {_FORMATS[s] for s in suffixes}
-    if len(builders) > 1 or (".tsv" in suffixes and len(suffixes) > 1):
-        raise BadInputError(f"data.{split}: mixed formats {sorted(suffixes)}; give one format per split")
-    kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
-    return builders.pop(), kwargs
+def _group_by_format(files: list[Path], split: str) -> dict[tuple[str, str], list[Path]]:
+    """Files of one split grouped by datasets builder (and delimiter); a split may mix formats."""
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix not in _FORMATS:
+            raise BadInputError(
+                f"data.{split}: unknown format {suffix or path.name!r}; use one of {', '.join(sorted(_FORMATS))}"
+            )
+        groups.setdefault((_FORMATS[suffix], "\t" if suffix == ".tsv" else ","), []).append(path)
+    return groups
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -90,36 +90,70 @@ def sniff(path: Path, split: str) -> None:
             raise BadInputError(f"data.{split}: {path.name} ends inside a UTF-8 character") from None
 
 
-def load_split(patterns: list[str], split: str, cfg: Config) -> pd.DataFrame:
-    """Load one split's files through datasets.load_dataset and return its input/target columns."""
-    import datasets
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-    files = resolve_files(patterns, split)
-    builder, kwargs = _format_of(files, split)
-    for path in files:
-        sniff(path, split)
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="canaryflow-hf-cache-") as cache:
-        try:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, **kwargs
-            )
-        except Exception as exc:  # datasets raises many types for unreadable files; all are bad input
-            if "corresponds to no data" in str(exc):  # a header-only CSV, or JSON with no records
-                raise BadInputError(f"data.{split}: no rows in {', '.join(f.name for f in files)}") from None
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BadInputError(f"data.{split}: cannot read {files[0].name}: {reason}") from None
-        frame = ds.to_pandas()
+
+def _select_columns(frame: pd.DataFrame, split: str, cfg: Config, where: str) -> pd.DataFrame:
     wanted = [cfg.data.input_column, cfg.data.target_column]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise BadInputError(
             f"data.{split}: missing column {missing[0]!r}; the columns are {', '.join(map(str, frame.columns))}"
         )
-    frame = frame[wanted].rename(columns={cfg.data.input_column: "input", cfg.data.target_column: "target"})
     if frame.empty:
-        raise BadInputError(f"data.{split}: no rows in {', '.join(f.name for f in files)}")
-    return frame
+        raise BadInputError(f"data.{split}: no rows in {where}")
+    # Columns come back as string (JSON) or large_string (CSV, parquet); as Python text they cannot clash.
+    return frame[wanted].rename(columns={cfg.data.input_column: "input", cfg.data.target_column: "target"})
+
+
+def load_split(patterns: list[str], split: str, cfg: Config) -> pd.DataFrame:
+    """Load one split's files through datasets.load_dataset and return its input/target columns."""
+    import datasets
+
+    files = resolve_files(patterns, split)
+    groups = _group_by_format(files, split)
+    for path in files:
+        sniff(path, split)
+    datasets.disable_progress_bars()
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="canaryflow-hf-cache-") as cache:
+        for (builder, delimiter), group in groups.items():
+            names = ", ".join(f.name for f in group)
+            kwargs = {"delimiter": delimiter} if builder == "csv" else {}
+            try:
+                ds = datasets.load_dataset(
+                    builder, data_files=[str(f) for f in group], split="train", cache_dir=cache, **kwargs
+                )
+            except Exception as exc:  # datasets raises many types for unreadable files; all are bad input
+                if "corresponds to no data" in str(exc):  # a header-only CSV, or JSON with no records
+                    raise BadInputError(f"data.{split}: no rows in {names}") from None
+                raise BadInputError(f"data.{split}: cannot read {group[0].name}: {_first_line(exc)}") from None
+            frames.append(_select_columns(ds.to_pandas(), split, cfg, names))
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def load_dataset_split(split: str, cfg: Config) -> pd.DataFrame | None:
+    """One split of data.dataset (a hub id, or a local dataset folder), or None when it has no such split."""
+    import datasets
+
+    name = cfg.data.dataset_splits.get(split, split)
+    datasets.disable_progress_bars()
+    try:
+        available = datasets.get_dataset_split_names(cfg.data.dataset, cfg.data.dataset_config)
+    except Exception as exc:  # offline, unknown id, private repo: say which, in one line
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1)" if offline else _first_line(exc)
+        raise BadInputError(f"data.dataset {cfg.data.dataset!r} cannot be loaded: {why}") from None
+    if name not in available:
+        if split == "train":
+            raise BadInputError(f"data.dataset {cfg.data.dataset!r} has no split {name!r}; it has {available}")
+        return None
+    try:
+        ds = datasets.load_dataset(cfg.data.dataset, cfg.data.dataset_config, split=name)
+    except Exception as exc:
+        raise BadInputError(f"data.dataset {cfg.data.dataset!r} split {name!r}: {_first_line(exc)}") from None
+    return _select_columns(ds.to_pandas(), split, cfg, f"{cfg.data.dataset} [{name}]")
 
 
 def normalize(text: str) -> str:
@@ -169,18 +203,21 @@ def clean(frame: pd.DataFrame, split: str, dropped: dict[str, int], cfg: Config)
     return frame, {"duplicates": before - len(frame), "overlength": int(too_long.sum())}
 
 
-def _split_by_input(frame: pd.DataFrame, cfg: Config) -> dict[str, pd.DataFrame]:
+def _split_by_input(frame: pd.DataFrame, cfg: Config, missing: list[str]) -> dict[str, pd.DataFrame]:
+    """Carve the `missing` splits out of train by data.split_seed; the rest stays train."""
     # Split on distinct normalized inputs, never on rows, so one input cannot land in two splits.
     keys = sorted(set(frame["input"].map(normalize)))
     random.Random(cfg.data.split_seed).shuffle(keys)
-    n_test = max(1, int(len(keys) * cfg.data.test_fraction))
-    n_val = max(1, int(len(keys) * cfg.data.validation_fraction))
-    if len(keys) - n_test - n_val < 1:
-        raise BadInputError(f"data.train: {len(keys)} distinct inputs are too few to split off validation and test")
-    assign = {k: "test" for k in keys[:n_test]}
-    assign.update({k: "validation" for k in keys[n_test : n_test + n_val]})
+    sizes = {split: max(1, int(len(keys) * getattr(cfg.data, f"{split}_fraction"))) for split in missing}
+    if len(keys) - sum(sizes.values()) < 1:
+        raise BadInputError(f"data.train: {len(keys)} distinct inputs are too few to split off {' and '.join(missing)}")
+    assign: dict[str, str] = {}
+    start = 0
+    for split, size in sizes.items():
+        assign.update({k: split for k in keys[start : start + size]})
+        start += size
     split_of = frame["input"].map(normalize).map(lambda k: assign.get(k, "train"))
-    return {s: frame[split_of == s].reset_index(drop=True) for s in SPLITS}
+    return {s: frame[split_of == s].reset_index(drop=True) for s in ["train", *missing]}
 
 
 def content_hash(splits: dict[str, pd.DataFrame]) -> str:
@@ -200,21 +237,25 @@ def prepare_data(
     `reference` gives the champion's version and data card, to measure drift against; it is called only
     once the data has passed validation, so bad data never reaches the registry, not even to read it.
     """
-    if cfg.data.train is None:
-        raise BadInputError("data.train is not set (the CLI fills it with the demo task's files)")
+    if cfg.data.train is None and cfg.data.dataset is None:
+        raise BadInputError("neither data.train nor data.dataset is set (the CLI fills in the demo task's files)")
     out = Path(out_dir)
     dropped: dict[str, int] = {}
     found: dict[str, dict] = {}
     splits: dict[str, pd.DataFrame] = {}
-    given = {s: getattr(cfg.data, s) for s in SPLITS}
-    for split, patterns in given.items():
-        if patterns:
-            splits[split], found[split] = clean(load_split(patterns, split, cfg), split, dropped, cfg)
-    if not given["validation"] or not given["test"]:
-        carved = _split_by_input(splits["train"], cfg)
-        splits["train"] = carved["train"]
-        for split in ("validation", "test"):
-            splits.setdefault(split, carved[split])
+    if cfg.data.dataset and any(getattr(cfg.data, s) for s in SPLITS):
+        raise BadInputError("data: give either data.dataset or data.train/validation/test files, not both")
+    for split in SPLITS:
+        if cfg.data.dataset:
+            raw = load_dataset_split(split, cfg)
+        else:
+            patterns = getattr(cfg.data, split)
+            raw = load_split(patterns, split, cfg) if patterns else None
+        if raw is not None:
+            splits[split], found[split] = clean(raw, split, dropped, cfg)
+    missing = [split for split in ("test", "validation") if split not in splits]
+    if missing:
+        splits.update(_split_by_input(splits["train"], cfg, missing))
 
     for split in SPLITS:
         if len(splits[split]) < cfg.data.min_split_rows:
