@@ -196,3 +196,11 @@ def test_a_local_dataset_folder_loads_through_datasets(tmp_path):
     both = load_config(overrides=[f"data.dataset={folder}", "data.train=x.jsonl"])
     with pytest.raises(BadInputError, match="either data.dataset or data.train"):
         prepare_data(both, tmp_path / "out2")
+
+
+def test_normalization_and_word_counts_are_vectorized_but_exact():
+    from canaryflow.data.prepare import _word_counts, normalized
+
+    texts = pd.Series(["  Hello\tWorld  x", "a  b", "", "one", "A\n\nB c", "x\u00a0y"])
+    assert list(normalized(texts)) == [" ".join(t.lower().split()) for t in texts[:5]] + ["x\u00a0y"]
+    assert list(_word_counts(texts))[:5] == [len(t.split()) for t in texts[:5]]

@@ -1,0 +1,113 @@
+"""The data stage on a generated 1M-row jsonl file, next to plain pandas read + dedupe, in one run.
+
+Each side runs in a fresh process, so its peak RSS is its own. Writes rows/s and peak memory of both,
+and their ratios, into BENCHMARKS.md between this benchmark's markers.
+
+Usage: .venv/bin/python benchmarks/data_stage.py [--rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from run_make_run import machine  # noqa: E402 - a sibling script, not a package
+
+BEGIN, END = "<!-- data-stage:begin -->", "<!-- data-stage:end -->"
+
+_CHILD = r"""
+import json, resource, sys, time
+side, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+started = time.perf_counter()
+if side == "pandas":
+    import pandas as pd
+    frame = pd.read_json(path, lines=True)
+    frame = frame.drop_duplicates(subset=["input", "target"])
+    rows = len(frame)
+else:
+    from canaryflow.config import load_config
+    from canaryflow.data.prepare import prepare_data
+    cfg = load_config(overrides=[f"data.train={path}", "data.max_source_length=512"])
+    card = prepare_data(cfg, out)
+    rows = sum(card["counts"].values())
+seconds = time.perf_counter() - started
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"rows": rows, "seconds": seconds, "peak_mb": peak_mb}))
+"""
+
+
+def generate(path: Path, rows: int) -> None:
+    """Data-to-text-like rows, about 1% exact duplicates, written once."""
+    rng = random.Random(7)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(rows):
+            j = i if rng.random() > 0.01 else max(0, i - 1)
+            text = " ".join(rng.choice(words) for _ in range(8))
+            handle.write(json.dumps({"input": f"record {j} | {text}", "target": f"Sentence about {j}."}) + "\n")
+
+
+def run_side(side: str, path: Path, out: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", _CHILD, side, str(path), str(out)], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{side} failed: {result.stderr.strip().splitlines()[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="canaryflow-data-bench-") as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        started = time.perf_counter()
+        generate(path, args.rows)
+        print(
+            f"generated {args.rows} rows ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s"
+        )
+        baseline = run_side("pandas", path, Path(tmp) / "unused")
+        stage = run_side("canaryflow", path, Path(tmp) / "prepared")
+        size_mb = path.stat().st_size / 1e6
+    rate = {name: args.rows / r["seconds"] for name, r in (("pandas", baseline), ("stage", stage))}
+    section = "\n".join(
+        [
+            BEGIN,
+            f"## Data stage on {args.rows:,} jsonl rows ({size_mb:.0f} MB) — measured {date.today().isoformat()}",
+            "",
+            f"Machine: {machine()}.",
+            "",
+            "| what | rows/s | peak memory (MB) | time ratio | memory ratio |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| canaryflow data stage (load, validate, clean, dedupe, split, card) | {rate['stage']:,.0f} "
+            f"| {stage['peak_mb']:,.0f} | {stage['seconds'] / baseline['seconds']:.2f}x | "
+            f"{stage['peak_mb'] / baseline['peak_mb']:.2f}x |",
+            f"| baseline: pandas read_json(lines=True) + drop_duplicates | {rate['pandas']:,.0f} "
+            f"| {baseline['peak_mb']:,.0f} | 1.00x | 1.00x |",
+            "",
+            "Ratios above 1 mean the stage is slower or larger than the baseline. Reproduce: "
+            "`.venv/bin/python benchmarks/data_stage.py`.",
+            END,
+        ]
+    )
+    bench = REPO / "BENCHMARKS.md"
+    text = bench.read_text()
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    bench.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
