@@ -94,6 +94,9 @@ def main() -> None:
             f"| baseline: pandas read_json(lines=True) + drop_duplicates | {rate['pandas']:,.0f} "
             f"| {baseline['peak_mb']:,.0f} | 1.00x | 1.00x |",
             "",
+            "Target (data-preparation issue): no slower and no larger than the baseline. "
+            f"Time: {'met' if stage['seconds'] <= baseline['seconds'] else 'not met'}; "
+            f"memory: {'met' if stage['peak_mb'] <= baseline['peak_mb'] else 'not met'}.",
             "Ratios above 1 mean the stage is slower or larger than the baseline. Reproduce: "
             "`.venv/bin/python benchmarks/data_stage.py`.",
             END,

@@ -200,7 +200,7 @@ def clean(frame: pd.DataFrame, split: str, dropped: dict[str, int], cfg: Config)
     total = len(frame)
     null = frame["input"].isna() | frame["target"].isna()
     is_text = _is_text(frame["input"]) & _is_text(frame["target"])
-    frame = frame[is_text].astype({"input": "str", "target": "str"})
+    frame = frame[is_text].copy()
     for column in ("input", "target"):
         frame[column] = pd.arrays.ArrowExtensionArray(pc.utf8_trim_whitespace(_arrow(frame[column])))
     empty = (frame["input"] == "") | (frame["target"] == "")
