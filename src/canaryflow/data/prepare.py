@@ -240,7 +240,8 @@ def _split_by_input(frame: pd.DataFrame, cfg: Config, missing: list[str]) -> dic
     """Carve the `missing` splits out of train by data.split_seed; the rest stays train."""
     # Split on distinct normalized inputs, never on rows, so one input cannot land in two splits.
     norm = normalized(frame["input"])
-    keys = _seeded_order(norm.drop_duplicates().sort_values().reset_index(drop=True), cfg.data.split_seed)
+    # The hash order does not depend on the keys' order, so they need no sorting first.
+    keys = _seeded_order(norm.drop_duplicates().reset_index(drop=True), cfg.data.split_seed)
     sizes = {split: max(1, int(len(keys) * getattr(cfg.data, f"{split}_fraction"))) for split in missing}
     if len(keys) - sum(sizes.values()) < 1:
         raise BadInputError(f"data.train: {len(keys)} distinct inputs are too few to split off {' and '.join(missing)}")
