@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -19,9 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from run_make_run import machine  # noqa: E402 - a sibling script, not a package
+from report import machine, write_section  # a sibling module: scripts run from benchmarks/
 
 BEGIN, END = "<!-- data-stage:begin -->", "<!-- data-stage:end -->"
 
@@ -79,37 +76,26 @@ def main() -> None:
         stage = run_side("canaryflow", path, Path(tmp) / "prepared")
         size_mb = path.stat().st_size / 1e6
     rate = {name: args.rows / r["seconds"] for name, r in (("pandas", baseline), ("stage", stage))}
-    section = "\n".join(
-        [
-            BEGIN,
-            f"## Data stage on {args.rows:,} jsonl rows ({size_mb:.0f} MB) — measured {date.today().isoformat()}",
-            "",
-            f"Machine: {machine()}.",
-            "",
-            "| what | rows/s | peak memory (MB) | time ratio | memory ratio |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| canaryflow data stage (load, validate, clean, dedupe, split, card) | {rate['stage']:,.0f} "
-            f"| {stage['peak_mb']:,.0f} | {stage['seconds'] / baseline['seconds']:.2f}x | "
-            f"{stage['peak_mb'] / baseline['peak_mb']:.2f}x |",
-            f"| baseline: pandas read_json(lines=True) + drop_duplicates | {rate['pandas']:,.0f} "
-            f"| {baseline['peak_mb']:,.0f} | 1.00x | 1.00x |",
-            "",
-            "Target (data-preparation issue): no slower and no larger than the baseline. "
-            f"Time: {'met' if stage['seconds'] <= baseline['seconds'] else 'not met'}; "
-            f"memory: {'met' if stage['peak_mb'] <= baseline['peak_mb'] else 'not met'}.",
-            "Ratios above 1 mean the stage is slower or larger than the baseline. Reproduce: "
-            "`.venv/bin/python benchmarks/data_stage.py`.",
-            END,
-        ]
-    )
-    bench = REPO / "BENCHMARKS.md"
-    text = bench.read_text()
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(text)
-    print(section)
+    lines = [
+        f"## Data stage on {args.rows:,} jsonl rows ({size_mb:.0f} MB) — measured {date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "| what | rows/s | peak memory (MB) | time ratio | memory ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| canaryflow data stage (load, validate, clean, dedupe, split, card) | {rate['stage']:,.0f} "
+        f"| {stage['peak_mb']:,.0f} | {stage['seconds'] / baseline['seconds']:.2f}x | "
+        f"{stage['peak_mb'] / baseline['peak_mb']:.2f}x |",
+        f"| baseline: pandas read_json(lines=True) + drop_duplicates | {rate['pandas']:,.0f} "
+        f"| {baseline['peak_mb']:,.0f} | 1.00x | 1.00x |",
+        "",
+        "Target (data-preparation issue): no slower and no larger than the baseline. "
+        f"Time: {'met' if stage['seconds'] <= baseline['seconds'] else 'not met'}; "
+        f"memory: {'met' if stage['peak_mb'] <= baseline['peak_mb'] else 'not met'}.",
+        "Ratios above 1 mean the stage is slower or larger than the baseline. Reproduce: "
+        "`.venv/bin/python benchmarks/data_stage.py`.",
+    ]
+    print(write_section(BEGIN, END, lines))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,23 +19,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from report import machine, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 300.0
 BEGIN, END = "<!-- make-run:begin -->", "<!-- make-run:end -->"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-    )
 
 
 def time_make_run(workdir: Path) -> tuple[float, dict]:
@@ -79,36 +65,24 @@ def main() -> None:
         baseline = time_training_baseline(Path(tmp) / "baseline")
     boot_s = summary["bootstrap"]["duration_s"]
     steps = f"{boot_s} s bootstrap run + {summary['duration_s'] - boot_s:.1f} s challenger run"
-    section = "\n".join(
-        [
-            BEGIN,
-            f"## `make run` wall time (venv already built) — measured {date.today().isoformat()}",
-            "",
-            f"Machine: {machine()}.",
-            "",
-            "| what | seconds | ratio |",
-            "| --- | ---: | ---: |",
-            "| `canaryflow run` on a fresh workdir (bootstrap champion, then challenger + canary) "
-            f"| {elapsed:.1f} | {elapsed / baseline:.2f}x baseline |",
-            f"| baseline: the same two fine-tunes in one process, nothing else | {baseline:.1f} | 1.00x |",
-            f"| budget from the foundation issue | {BUDGET_S:.0f} | {elapsed / BUDGET_S:.2f} of budget |",
-            "",
-            f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
-            f"{summary['canary']['requests']} requests; challenger BLEU "
-            f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
-            "Reproduce: `make bench` (about 6 minutes).",
-            END,
-        ]
-    )
-    path = REPO / "BENCHMARKS.md"
-    header = "# Benchmarks\n\nFigures come from `benchmarks/`, each a ratio against a baseline of the same run.\n"
-    text = path.read_text() if path.is_file() else header
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(section)
+    lines = [
+        f"## `make run` wall time (venv already built) — measured {date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "| what | seconds | ratio |",
+        "| --- | ---: | ---: |",
+        "| `canaryflow run` on a fresh workdir (bootstrap champion, then challenger + canary) "
+        f"| {elapsed:.1f} | {elapsed / baseline:.2f}x baseline |",
+        f"| baseline: the same two fine-tunes in one process, nothing else | {baseline:.1f} | 1.00x |",
+        f"| budget from the foundation issue | {BUDGET_S:.0f} | {elapsed / BUDGET_S:.2f} of budget |",
+        "",
+        f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
+        f"{summary['canary']['requests']} requests; challenger BLEU "
+        f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
+        "Reproduce: `make bench` (about 6 minutes).",
+    ]
+    print(write_section(BEGIN, END, lines))
 
 
 if __name__ == "__main__":
