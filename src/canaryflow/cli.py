@@ -169,6 +169,10 @@ def render_summary(summary: dict, console: Console) -> None:
         f"test {data.get('test_inputs')} inputs / {counts.get('test')} references "
         f"(hash {data.get('content_hash', '')[:12]})",
     )
+    drift = data.get("drift")
+    if drift:
+        distances = ", ".join(f"{name} {value:.3f}" for name, value in drift["distance"].items())
+        table.add_row("drift", f"vs champion v{drift['champion_version']}'s data (Jensen-Shannon): {distances}")
     table.add_row(
         "training",
         f"loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}, "

@@ -115,6 +115,6 @@ def test_summary_renders_for_a_person(lifecycle_run):
     out = io.StringIO()
     render_summary(summary, Console(file=out, width=160))
     text = out.getvalue()
-    for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "10%"):
+    for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "10%", "vs champion v1"):
         assert expected in text, expected
     assert f"{summary['data']['test_inputs']} inputs" in text
