@@ -36,7 +36,8 @@ def chain(tmp_path_factory, demo_files):
     ids = {"config_json": cfg.model_dump_json(), "run_key": "", "job_id": "job-1"}
     out = {"cfg": cfg, "ids": ids, "tmp": tmp}
     out["data"] = _artifact(Dataset, tmp, "data")
-    prepare_data.python_func(data=out["data"], **ids)
+    out["data_card"] = _artifact(Markdown, tmp, "data_card.md")
+    prepare_data.python_func(data=out["data"], data_card=out["data_card"], **ids)
     out["model"], out["train_metrics"] = _artifact(Model, tmp, "model"), _artifact(Metrics, tmp, "train_metrics")
     fine_tune.python_func(data=out["data"], model=out["model"], metrics=out["train_metrics"], **ids)
     out["evaluation"] = _artifact(Artifact, tmp, "evaluation")
@@ -67,6 +68,7 @@ def test_prepare_data_fills_the_dataset_artifact(chain):
         p.name for p in (chain["tmp"] / "data").iterdir()
     }
     assert data.metadata["train_rows"] == 270 and len(data.metadata["content_hash"]) == 64
+    assert (chain["tmp"] / "data_card.md").read_text().startswith("# Data card")
 
 
 def test_fine_tune_writes_model_and_metrics(chain):
