@@ -107,17 +107,11 @@ def failure_reason(lines: list[str]) -> tuple[str, int]:
 
 
 def read_summary(cfg: Config, run_key: str) -> dict | None:
-    import mlflow
-
-    from canaryflow.registry.tracking import find_run
+    """The summary the exit handler logged; None when it never ran (the caller reports the step failure)."""
+    from canaryflow.registry.tracking import find_run, load_logged_dict
 
     run = find_run(cfg, run_key)
-    if run is None:
-        return None
-    try:
-        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
-    except Exception:  # the exit handler itself failed; the caller reports the step failure
-        return None
+    return load_logged_dict(run.info.run_id, "summary.json") if run is not None else None
 
 
 def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line: None) -> dict:

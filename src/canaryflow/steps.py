@@ -122,16 +122,6 @@ def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: 
     return result
 
 
-def _load_logged(run, path: str) -> dict | None:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{path}")
-    except (MlflowException, OSError, ValueError):
-        return None
-
-
 def _canary_summary(canary: dict | None) -> dict:
     """The canary's verdict and each step's SLIs and reasons (the per-check detail stays in MLflow)."""
     if canary is None:
@@ -150,23 +140,23 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
     from mlflow import MlflowClient
 
     from canaryflow.registry import models
-    from canaryflow.registry.tracking import pipeline_run
+    from canaryflow.registry.tracking import load_logged_dict, pipeline_run
 
     cfg = Config.from_json(config_json)
     with pipeline_run(cfg, run_key) as active:
         run = MlflowClient().get_run(active.info.run_id)
         tags = run.data.tags
-        evaluation = _load_logged(run, "evaluation/evaluation.json")
+        evaluation = load_logged_dict(run.info.run_id, "evaluation/evaluation.json")
         needed = STEPS if evaluation is None or evaluation["gate"]["passed"] else STEPS[:-1]
         missing = [step for step in needed if tags.get(STEP_TAG + step) != "done"]
-        canary = _load_logged(run, "canary/canary.json")
+        canary = load_logged_dict(run.info.run_id, "canary/canary.json")
         summary = {
             "status": "failed" if missing else "succeeded",
             "failed_step": missing[0] if missing else None,
             "run_key": run_key,
             "mlflow_run_id": run.info.run_id,
-            "data": _load_logged(run, "data/data_card.json"),
-            "train": _load_logged(run, "train/train_metrics.json"),
+            "data": load_logged_dict(run.info.run_id, "data/data_card.json"),
+            "train": load_logged_dict(run.info.run_id, "train/train_metrics.json"),
             "metrics": evaluation["metrics"] if evaluation else None,
             "gate": {"passed": evaluation["gate"]["passed"], "reasons": evaluation["gate"]["reasons"]}
             if evaluation

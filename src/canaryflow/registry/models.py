@@ -11,7 +11,7 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.errors import CanaryflowError
-from canaryflow.registry.tracking import RUN_KEY_TAG, configure, pipeline_run
+from canaryflow.registry.tracking import RUN_KEY_TAG, configure, load_logged_dict, pipeline_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
@@ -103,17 +103,12 @@ def register_candidate(
 
 def champion_data_card(cfg: Config) -> tuple[str, dict] | None:
     """The serving champion's version and the data card of the run that trained it, or None."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     version = alias_version(cfg, CHAMPION)
     if version is None:
         return None
     run_id = _client().get_model_version(cfg.registry.model_name, version).run_id
-    try:
-        return version, mlflow.artifacts.load_dict(f"runs:/{run_id}/data/data_card.json")
-    except (MlflowException, OSError, ValueError):
-        return None  # registered without a data card (by hand, or by an older canaryflow)
+    card = load_logged_dict(run_id, "data/data_card.json")
+    return (version, card) if card is not None else None  # None: registered by hand, or by an older canaryflow
 
 
 def load_generator(cfg: Config, ref: str):

@@ -71,3 +71,14 @@ def pipeline_run(cfg: Config, run_key: str) -> Iterator[object]:
         experiment_id=configure(cfg), run_name=f"canaryflow-{run_key[:12]}", tags={RUN_KEY_TAG: run_key}
     ) as run:
         yield run
+
+
+def load_logged_dict(run_id: str, path: str) -> dict | None:
+    """A JSON artifact a step logged into run `run_id`, or None where that step never logged it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError, ValueError):
+        return None
