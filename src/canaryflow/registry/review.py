@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from canaryflow.config import Config
-from canaryflow.registry.models import ALIASES, aliases
+from canaryflow.registry.models import aliases
 from canaryflow.registry.tracking import configure
 
 
@@ -57,5 +57,3 @@ def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "c
     ax.legend()
     return ax
 
-
-ALIAS_NAMES = ALIASES
