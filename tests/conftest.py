@@ -96,3 +96,35 @@ def lifecycle_run(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def champion_workdir(prepared, tmp_path_factory):
+    """A workdir whose SQLite registry has a champion trained on the demo data, without a model: enough for
+    the data stage, which reads only the champion's data card. The card sits in another run than the
+    version's own, so only the version's `data_card` tag leads to it."""
+    import mlflow
+
+    from canaryflow.config import load_config
+    from canaryflow.registry.models import CHAMPION, DATA_CARD_TAG
+    from canaryflow.registry.tracking import DATA_CARD, configure
+    from canaryflow.runner import with_workdir
+
+    workdir = tmp_path_factory.mktemp("champion-workdir")
+    cfg = with_workdir(load_config(), workdir)
+    experiment_id = configure(cfg)
+    client = mlflow.MlflowClient()
+    data_run = client.create_run(experiment_id)
+    client.log_dict(data_run.info.run_id, prepared[1], DATA_CARD)
+    model_run = client.create_run(experiment_id)
+    for run in (data_run, model_run):
+        client.set_terminated(run.info.run_id)
+    client.create_registered_model(cfg.registry.model_name)
+    version = client.create_model_version(
+        cfg.registry.model_name,
+        source=f"runs:/{model_run.info.run_id}/model",
+        run_id=model_run.info.run_id,
+        tags={DATA_CARD_TAG: f"runs:/{data_run.info.run_id}/{DATA_CARD}"},
+    )
+    client.set_registered_model_alias(cfg.registry.model_name, CHAMPION, version.version)
+    return workdir

@@ -148,7 +148,8 @@ def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line
 
 def preflight(cfg: Config) -> None:
     """Catch what is cheap to catch before any process starts: data files that are not there."""
-    from canaryflow.data.prepare import SPLITS, resolve_files
+    from canaryflow.data.prepare import SPLITS
+    from canaryflow.data.sources import resolve_files
 
     for split in SPLITS:
         patterns = getattr(cfg.data, split)

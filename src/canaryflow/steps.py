@@ -39,12 +39,12 @@ def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     from canaryflow.data.card import render_markdown
     from canaryflow.data.prepare import prepare_data
     from canaryflow.registry.models import champion_data_card
-    from canaryflow.registry.tracking import pipeline_run
+    from canaryflow.registry.tracking import DATA_CARD, pipeline_run
 
     cfg = Config.from_json(config_json)
     card = prepare_data(cfg, out_dir, reference=lambda: champion_data_card(cfg))
     with pipeline_run(cfg, run_key):
-        mlflow.log_dict(card, "data/data_card.json")
+        mlflow.log_dict(card, DATA_CARD)
         mlflow.log_text(render_markdown(card), "data/data_card.md")
         if card["drift"]:
             mlflow.log_metrics({f"drift.{name}": value for name, value in card["drift"]["distance"].items()})
@@ -140,7 +140,7 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
     from mlflow import MlflowClient
 
     from canaryflow.registry import models
-    from canaryflow.registry.tracking import load_logged_dict, pipeline_run
+    from canaryflow.registry.tracking import DATA_CARD, load_logged_dict, pipeline_run
 
     cfg = Config.from_json(config_json)
     with pipeline_run(cfg, run_key) as active:
@@ -155,7 +155,7 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
             "failed_step": missing[0] if missing else None,
             "run_key": run_key,
             "mlflow_run_id": run.info.run_id,
-            "data": load_logged_dict(run.info.run_id, "data/data_card.json"),
+            "data": load_logged_dict(run.info.run_id, DATA_CARD),
             "train": load_logged_dict(run.info.run_id, "train/train_metrics.json"),
             "metrics": evaluation["metrics"] if evaluation else None,
             "gate": {"passed": evaluation["gate"]["passed"], "reasons": evaluation["gate"]["reasons"]}

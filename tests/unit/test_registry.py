@@ -33,6 +33,7 @@ def test_register_tags_lineage_and_sets_challenger(registry):
     assert mv.tags["gate.passed"] == "true"
     assert mv.tags["metric.bleu"] == "31.5000"
     assert mv.tags["canaryflow.run_key"] == "run-a"
+    assert mv.tags["data_card"] == f"runs:/{mv.run_id}/data/data_card.json"
     assert len(mv.tags["git_commit"]) in (7, 40) or mv.tags["git_commit"] == "unknown"
     assert models.aliases(cfg)["challenger"] == version
     assert (models.model_uri(cfg, version)) == f"models:/unit/{version}"

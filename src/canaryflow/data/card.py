@@ -13,21 +13,20 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
-
-from canaryflow.stats import percentile
+import numpy as np
 
 LENGTH_BINS = (0, 4, 8, 16, 32, 64, 128, 256, 512)  # words; fixed, so histograms from any run line up
 TOP_WORDS = 500
 OTHER = "<other>"
 
 
-def length_percentiles(lengths: pd.Series) -> dict[str, float]:
-    if lengths.empty:
+def length_percentiles(lengths) -> dict[str, float]:
+    """Nearest-rank percentiles (as `stats.percentile`, vectorized: a split may hold millions of rows)."""
+    values = np.sort(np.asarray(lengths))
+    if not len(values):
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
-    values = lengths.tolist()
-    stats = {f"p{q}": int(percentile(values, q)) for q in (50, 90, 99)}
-    return {**stats, "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)}
+    stats = {f"p{q}": int(values[max(1, math.ceil(q / 100 * len(values))) - 1]) for q in (50, 90, 99)}
+    return {**stats, "max": int(values[-1]), "mean": round(float(values.mean()), 2)}
 
 
 PROFILE_SAMPLE = 20_000  # inputs whose words make the vocabulary profile: plenty for a distance, cheap at 1M rows
@@ -37,12 +36,21 @@ def _bin_labels() -> list[str]:
     return [f"{low}-{high - 1}" for low, high in zip(LENGTH_BINS, LENGTH_BINS[1:])] + [f"{LENGTH_BINS[-1]}+"]
 
 
-def input_profile(texts: pd.Series, word_counts: pd.Series) -> dict[str, dict[str, float]]:
-    """Length histogram (all inputs) and top-word frequencies (a seeded sample), each as shares summing to 1."""
-    total = max(len(texts), 1)
-    bins = pd.cut(word_counts, [*LENGTH_BINS, float("inf")], right=False, labels=_bin_labels())
-    histogram = {str(label): count / total for label, count in bins.value_counts(sort=False).items() if count}
-    sample = texts.sample(n=PROFILE_SAMPLE, random_state=0) if len(texts) > PROFILE_SAMPLE else texts
+def input_profile(texts, word_counts) -> dict[str, dict[str, float]]:
+    """Length histogram (all inputs) and top-word frequencies (a seeded sample), each as shares summing to 1.
+
+    `texts` is any sequence of strings (a list, or an Arrow array); `word_counts` has one count per text.
+    """
+    counts = np.asarray(word_counts)
+    total = max(len(counts), 1)
+    edges = np.array([*LENGTH_BINS, np.iinfo(np.int64).max])
+    per_bin = np.histogram(counts, bins=edges)[0]
+    histogram = {label: int(n) / total for label, n in zip(_bin_labels(), per_bin) if n}
+    if len(texts) > PROFILE_SAMPLE:
+        picked = np.sort(np.random.default_rng(0).choice(len(texts), PROFILE_SAMPLE, replace=False))
+        sample = texts.take(picked).to_pylist() if hasattr(texts, "take") else [texts[i] for i in picked]
+    else:
+        sample = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)
     words = Counter(word for t in sample for word in t.lower().split())
     n_words = max(sum(words.values()), 1)
     top = {word: count / n_words for word, count in words.most_common(TOP_WORDS)}

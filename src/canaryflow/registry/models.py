@@ -11,10 +11,11 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.errors import CanaryflowError
-from canaryflow.registry.tracking import RUN_KEY_TAG, configure, load_logged_dict, pipeline_run
+from canaryflow.registry.tracking import DATA_CARD, RUN_KEY_TAG, configure, load_artifact_dict, pipeline_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
+DATA_CARD_TAG = "data_card"  # the artifact URI of the data card the version was trained on
 PYFUNC_ENTRY = Path(__file__).resolve().parent / "pyfunc_entry.py"
 
 
@@ -87,6 +88,7 @@ def register_candidate(
     tags = {
         RUN_KEY_TAG: run_key,
         "git_commit": git_commit(),
+        DATA_CARD_TAG: f"runs:/{run.info.run_id}/{DATA_CARD}",
         **lineage,
         "gate.passed": str(gate["passed"]).lower(),
         "gate.reasons": "; ".join(gate["reasons"]),
@@ -102,13 +104,15 @@ def register_candidate(
 
 
 def champion_data_card(cfg: Config) -> tuple[str, dict] | None:
-    """The serving champion's version and the data card of the run that trained it, or None."""
+    """The serving champion's version and the data card it was trained on, found through the version's
+    `data_card` tag; None when there is no champion or its card cannot be found."""
     version = alias_version(cfg, CHAMPION)
     if version is None:
         return None
-    run_id = _client().get_model_version(cfg.registry.model_name, version).run_id
-    card = load_logged_dict(run_id, "data/data_card.json")
-    return (version, card) if card is not None else None  # None: registered by hand, or by an older canaryflow
+    mv = _client().get_model_version(cfg.registry.model_name, version)
+    # A version registered without the tag (by hand) may still have been logged by a run holding a card.
+    card = load_artifact_dict(mv.tags.get(DATA_CARD_TAG) or f"runs:/{mv.run_id}/{DATA_CARD}")
+    return (version, card) if card is not None else None
 
 
 def load_generator(cfg: Config, ref: str):

@@ -56,4 +56,3 @@ def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "c
     ax.set_title("registered versions (hatched: gate failed; green edge: promoted; red: rolled back)")
     ax.legend()
     return ax
-

@@ -14,6 +14,7 @@ from canaryflow.config import Config
 from canaryflow.errors import CanaryflowError
 
 RUN_KEY_TAG = "canaryflow.run_key"
+DATA_CARD = "data/data_card.json"  # where prepare_data logs the data card in the pipeline run's MLflow run
 
 
 def sqlite_uri(workdir: str | Path) -> str:
@@ -75,10 +76,15 @@ def pipeline_run(cfg: Config, run_key: str) -> Iterator[object]:
 
 def load_logged_dict(run_id: str, path: str) -> dict | None:
     """A JSON artifact a step logged into run `run_id`, or None where that step never logged it."""
+    return load_artifact_dict(f"runs:/{run_id}/{path}")
+
+
+def load_artifact_dict(uri: str) -> dict | None:
+    """A JSON artifact by URI (runs:/..., or any artifact URI MLflow reads), or None where there is none."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+        return mlflow.artifacts.load_dict(uri)
     except (MlflowException, OSError, ValueError):
         return None
