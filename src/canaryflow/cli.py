@@ -7,6 +7,7 @@ code is 2 for bad input or config and 1 for anything else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -62,22 +63,30 @@ def _load(config: Path | None, overrides: list[str] | None, tracking_uri: str | 
     return load_config(config, [*(overrides or []), *extra])
 
 
+def _progress_bars(console: Console, transient: bool):
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def _event_info(event: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in event.items() if k not in ("stage", "done", "total"))
+
+
 class RunProgress:
     """A Rich progress display fed by the lines kfp.local relays from the steps."""
 
     def __init__(self, console: Console):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         self.console = console
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
+        self.progress = _progress_bars(console, transient=False)
         self.current: int | None = None
 
         self.started = False
@@ -111,8 +120,8 @@ class RunProgress:
         line = _ANSI.sub("", raw)
         event = progress.parse(line)
         if event is not None and self.current is not None:
-            info = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("stage", "done", "total"))
-            self.progress.update(self.current, completed=event["done"], total=max(event["total"], 1), info=info)
+            total = max(event["total"], 1)
+            self.progress.update(self.current, completed=event["done"], total=total, info=_event_info(event))
             return
         started = _TASK_START.search(line)
         if started and started.group(1) in STEP_LABELS:
@@ -255,7 +264,7 @@ def data_check(
     """Load, validate, clean and split the data, and print its data card (with drift against the champion)."""
     from rich.markdown import Markdown
 
-    from canaryflow.data.card import render_markdown
+    from canaryflow.data.card import plot_input_lengths, render_markdown
     from canaryflow.data.prepare import prepare_data
     from canaryflow.registry.models import champion_data_card
     from canaryflow.runner import next_demo_drop, with_demo_drop, with_workdir
@@ -266,15 +275,28 @@ def data_check(
         cfg = with_demo_drop(cfg, workdir, next_demo_drop(workdir))
     # Only an existing registry is read: checking data must not create one.
     has_registry = bool(cfg.mlflow.tracking_uri) or (workdir / "mlflow.db").is_file()
-    card = prepare_data(
-        cfg,
-        workdir / "data-check",
-        reference=lambda: champion_data_card(with_workdir(cfg, workdir)) if has_registry else None,
-    )
+    # Progress goes to stderr, and only to a person at a terminal: scripts and logs get the card alone.
+    console = _console()
+    shown = not json_out and console.is_terminal
+    with _progress_bars(console, transient=True) if shown else contextlib.nullcontext() as bars:
+        task = bars.add_task("prepare data", total=None, info="") if shown else None
+
+        def report(stage: str, done: int, total: int, **info: object) -> None:
+            bars.update(task, completed=done, total=total, info=_event_info(info))
+
+        card = prepare_data(
+            cfg,
+            workdir / "data-check",
+            reference=lambda: champion_data_card(with_workdir(cfg, workdir)) if has_registry else None,
+            report=report if shown else progress.ignore,
+        )
     if json_out:
         print(json.dumps(card))
-    else:
-        _console().print(Markdown(render_markdown(card)))
+        return
+    plot = workdir / "data-check" / "input_lengths.png"
+    plot_input_lengths(card).figure.savefig(plot, dpi=100)
+    console.print(Markdown(render_markdown(card)))
+    console.print(f"Prepared splits in {workdir / 'data-check'}; input lengths plotted in {plot}")
 
 
 @app.command()

@@ -78,9 +78,12 @@ class TinyModelConfig(_Section):
     vocab_size: int = Field(1200, gt=100, description="Size of the BPE vocabulary trained on the train split.")
 
 
+TINY_BASE = "tiny-t5"  # model.base value for the tiny T5 built from config, its tokenizer trained on the data
+
+
 class ModelConfig(_Section):
     base: str = Field(
-        "tiny-t5",
+        TINY_BASE,
         description="'tiny-t5' (built from model.tiny, tokenizer trained on the data) or a local model directory.",
     )
     task: Literal["seq2seq", "classification"] = Field("seq2seq", description="What the model does.")

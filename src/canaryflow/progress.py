@@ -18,6 +18,10 @@ def emit(stage: str, done: int, total: int, **info: object) -> None:
     sys.stdout.flush()
 
 
+def ignore(stage: str, done: int, total: int, **info: object) -> None:
+    """A reporter that reports nothing, for callers that have no one to show progress to."""
+
+
 def parse(line: str) -> dict | None:
     head, sep, payload = line.partition(MARKER)
     if not sep:

@@ -36,7 +36,7 @@ def config_hash(cfg: Config) -> str:
 def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     import mlflow
 
-    from canaryflow.data.card import render_markdown
+    from canaryflow.data.card import plot_input_lengths, render_markdown
     from canaryflow.data.prepare import prepare_data
     from canaryflow.registry.models import champion_data_card
     from canaryflow.registry.tracking import DATA_CARD, pipeline_run
@@ -46,6 +46,7 @@ def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     with pipeline_run(cfg, run_key):
         mlflow.log_dict(card, DATA_CARD)
         mlflow.log_text(render_markdown(card), "data/data_card.md")
+        mlflow.log_figure(plot_input_lengths(card).figure, "data/input_lengths.png")
         if card["drift"]:
             mlflow.log_metrics({f"drift.{name}": value for name, value in card["drift"]["distance"].items()})
         mlflow.log_metrics({f"data.{split}": n for split, n in card["counts"].items()})

@@ -93,3 +93,11 @@ def test_data_check_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: data.train: train.jsonl is not UTF-8 text (byte 0xff at offset 0)\n"
     assert result.stdout == "" and not (tmp_path / "wd" / "mlflow.db").exists()
+
+
+def test_data_check_for_a_person_prints_the_card_and_plots_input_lengths(tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "wd"
+    code, out, err = _cli(monkeypatch, capsys, "data", "check", "--workdir", str(workdir))
+    assert code == 0, err
+    assert "Data card" in err and "Content hash" in err
+    assert (workdir / "data-check" / "input_lengths.png").read_bytes()[:4] == b"\x89PNG"

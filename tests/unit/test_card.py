@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from canaryflow.data.card import drift, input_profile, js_distance, length_percentiles, render_markdown
-from canaryflow.data.prepare import prepare_data
+from canaryflow.data.prepare import prepare_data, read_pairs
 from canaryflow.errors import BadInputError
 from tests.conftest import demo_config
 
@@ -70,3 +70,32 @@ def test_the_reference_is_not_read_for_bad_data(tmp_path, demo_files):
 
     with pytest.raises(BadInputError, match="file is empty"):
         prepare_data(demo_config(dict(demo_files, train=empty)), tmp_path / "out", reference=reference)
+
+
+def test_token_lengths_come_from_the_base_models_tokenizer(trained, demo_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir, _ = trained
+    card = prepare_data(demo_config(demo_files, f"model.base={model_dir}", "data.max_source_length=8"), tmp_path / "o")
+    tokens = card["token_lengths"]
+    assert tokens["tokenizer"] == str(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    longest = max(len(tokenizer(t)["input_ids"]) for t in read_pairs(tmp_path / "o", "test")["input"])
+    assert tokens["lengths"]["test"]["input"]["max"] == longest  # the test split is under the sample size: all
+    assert tokens["lengths"]["train"]["input"]["p50"] >= card["lengths"]["train"]["input"]["p50"]  # words <= tokens
+    assert 0 < tokens["inputs_over_max_source_length"] <= 1
+    assert "Lengths (tokens of" in render_markdown(card)
+    assert prepare_data(demo_config(demo_files), tmp_path / "o2")["token_lengths"] is None  # tiny: no tokenizer yet
+
+
+def test_input_lengths_plot_sets_the_data_beside_the_champions(prepared, demo_files, tmp_path):
+    from canaryflow.data.card import LENGTH_BINS, plot_input_lengths
+
+    _, champion_card = prepared
+    alone = plot_input_lengths(champion_card)
+    assert len(alone.patches) == len(LENGTH_BINS) and alone.get_legend_handles_labels()[1] == ["this data"]
+    card = prepare_data(demo_config(demo_files), tmp_path / "o", reference=lambda: ("3", champion_card))
+    both = plot_input_lengths(card)
+    assert len(both.patches) == 2 * len(LENGTH_BINS)
+    assert both.get_legend_handles_labels()[1] == ["this data", "champion v3's data"]
+    assert "Jensen-Shannon distance 0.000" in both.get_title()  # the same data as the champion's

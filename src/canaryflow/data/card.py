@@ -101,15 +101,14 @@ def render_markdown(card: dict) -> str:
         f"- Content hash: `{card['content_hash']}`.",
         "",
     ]
-    lines += [
-        "## Lengths (words)",
-        "",
-        "| split | column | p50 | p90 | p99 | max |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for split, columns in card.get("lengths", {}).items():
-        for column, stats in columns.items():
-            lines.append(f"| {split} | {column} | {stats['p50']} | {stats['p90']} | {stats['p99']} | {stats['max']} |")
+    lines += ["## Lengths (words)", "", *_length_table(card.get("lengths", {}))]
+    tokens = card.get("token_lengths")
+    if tokens:
+        sample = tokens["sample_per_split"]
+        lines += ["", f"## Lengths (tokens of {tokens['tokenizer']}, up to {sample} sampled rows per split)", ""]
+        lines += _length_table(tokens["lengths"])
+        over = tokens["inputs_over_max_source_length"]
+        lines += ["", f"- Sampled inputs over data.max_source_length tokens (truncated in training): {over:.1%}."]
     drift_info = card.get("drift")
     lines += ["", "## Drift against the champion's training data", ""]
     if drift_info is None:
@@ -123,6 +122,44 @@ def render_markdown(card: dict) -> str:
         if drift_info.get("threshold") is not None:
             lines.append(f"- threshold: {drift_info['threshold']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def plot_input_lengths(card: dict, ax=None):
+    """Input-length shares per bin, beside the champion's when the card has them: drift a person can see."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # steps and the CLI write files; they never open a window
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    labels = _bin_labels()
+    series = {"this data": card["profile"]["length_histogram"]}
+    drift_info = card.get("drift")
+    if drift_info and "reference_length_histogram" in drift_info:
+        series[f"champion v{drift_info['champion_version']}'s data"] = drift_info["reference_length_histogram"]
+    width = 0.8 / len(series)
+    for i, (name, shares) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [shares.get(label, 0.0) for label in labels], width=width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("input length (words)")
+    ax.set_ylabel("share of training inputs")
+    title = "input lengths"
+    if drift_info:
+        title += f" (Jensen-Shannon distance {drift_info['distance']['input_length']:.3f})"
+    ax.set_title(title)
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax
+
+
+def _length_table(lengths: dict[str, dict[str, dict]]) -> list[str]:
+    rows = ["| split | column | p50 | p90 | p99 | max |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for split, columns in lengths.items():
+        for column, s in columns.items():
+            rows.append(f"| {split} | {column} | {s['p50']} | {s['p90']} | {s['p99']} | {s['max']} |")
+    return rows
 
 
 def write_card(card: dict, out: Path) -> None:

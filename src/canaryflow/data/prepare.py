@@ -13,6 +13,7 @@ duplicates neighbours, the content hash independent of the files' row order, and
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from canaryflow.config import Config
+from canaryflow import progress
+from canaryflow.config import TINY_BASE, Config
 from canaryflow.data.card import drift, input_profile, length_percentiles, write_card
 from canaryflow.data.sources import TEXT, split_batches
 from canaryflow.errors import BadInputError
@@ -32,6 +34,8 @@ from canaryflow.errors import BadInputError
 SPLITS = ("train", "validation", "test")
 INVALID = ("null", "not_text", "empty")
 _WORKERS = 2  # Arrow's kernels release the GIL: two batches are cleaned at once while the next is parsed
+PHASES = (*SPLITS, "checks", "write")  # the progress steps: each split read and cleaned, then checks, write
+Report = Callable[..., None]  # progress.emit's signature: (stage, done, total, **info)
 
 # Runs of two or more whitespace characters, or any whitespace that is not a plain space: replacing just
 # these by one space equals collapsing every run of whitespace, and is several times cheaper in RE2.
@@ -87,17 +91,34 @@ def _clean_batch(batch: pa.RecordBatch) -> _Cleaned:
     return _Cleaned(batch.num_rows, invalid, table)
 
 
-def _clean_all(batches: Iterator[pa.RecordBatch]) -> list[_Cleaned]:
+def _clean_all(batches: Iterator[pa.RecordBatch], on_rows: Callable[[int], None]) -> list[_Cleaned]:
     """Clean batches on a small pool, holding at most a few raw batches at a time."""
     done: list[_Cleaned] = []
+    rows = 0
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.submit(_clean_batch, batch))
             if len(pending) > _WORKERS:
                 done.append(pending.popleft().result())
+                rows += done[-1].rows
+                on_rows(rows)
         done.extend(future.result() for future in pending)
+    on_rows(sum(part.rows for part in done))
     return done
+
+
+class _Throttled:
+    """At most one progress line a second (and every phase change): a billion rows must not flood the log."""
+
+    def __init__(self, report: Report):
+        self.report, self.last = report, 0.0
+
+    def __call__(self, phase: str, force: bool = False, **info: object) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= 1.0:
+            self.last = now
+            self.report("data", PHASES.index(phase), len(PHASES), phase=phase, **info)
 
 
 def _sorted_unique_pairs(table: pa.Table) -> tuple[pa.Table, int]:
@@ -116,14 +137,20 @@ def _sorted_unique_pairs(table: pa.Table) -> tuple[pa.Table, int]:
     return unique, n - unique.num_rows
 
 
-def clean(split: str, batches: Iterator[pa.RecordBatch], dropped: dict[str, int], cfg: Config) -> tuple[pa.Table, dict]:
+def clean(
+    split: str,
+    batches: Iterator[pa.RecordBatch],
+    dropped: dict[str, int],
+    cfg: Config,
+    on_rows: Callable[[int], None] = lambda rows: None,
+) -> tuple[pa.Table, dict]:
     """Drop unusable rows (counted by reason in `dropped`), over-long inputs when so configured, and exact
     duplicates. Return the rows, sorted, and what was found: duplicates and over-long inputs.
 
     Lengths are counted in whitespace-separated words: the data stage runs before any tokenizer exists
     (the tiny model's is trained on this very data), and a word is at least one token.
     """
-    parts = _clean_all(batches)
+    parts = _clean_all(batches, on_rows)
     total = sum(p.rows for p in parts)
     invalid = {reason: sum(p.invalid[reason] for p in parts) for reason in INVALID}
     for reason, count in invalid.items():
@@ -207,6 +234,46 @@ def content_hash(splits: dict[str, pa.Table]) -> str:
     return digest.hexdigest()
 
 
+TOKEN_SAMPLE = 2_000  # texts per split and column whose tokens are counted: percentiles, not a census
+
+
+def token_lengths(tables: dict[str, pa.Table], cfg: Config) -> dict | None:
+    """Token-length percentiles by the base model's own tokenizer, on a seeded sample of every split, and
+    the sampled share of inputs the tokenizer will truncate at data.max_source_length.
+
+    None for the tiny model, whose tokenizer fine_tune trains on this very data, and where the base's
+    tokenizer cannot be loaded here (fine_tune, which needs the model too, reports that).
+    """
+    if cfg.model.base == TINY_BASE:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.base)
+    except Exception:  # noqa: BLE001 - any failure here only means no token statistics
+        return None
+    rng = np.random.default_rng(cfg.data.split_seed)
+    stats: dict[str, dict] = {}
+    over = sampled = 0
+    for split in SPLITS:
+        table = tables[split]
+        picked = np.sort(rng.choice(table.num_rows, min(TOKEN_SAMPLE, table.num_rows), replace=False))
+        stats[split] = {}
+        for column in ("input", "target"):
+            texts = table.column(column).take(picked).to_pylist()
+            counts = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+            stats[split][column] = length_percentiles(counts)
+            if column == "input":
+                over += int((counts > cfg.data.max_source_length).sum())
+                sampled += len(counts)
+    return {
+        "tokenizer": cfg.model.base,
+        "sample_per_split": TOKEN_SAMPLE,
+        "lengths": stats,
+        "inputs_over_max_source_length": round(over / max(sampled, 1), 4),
+    }
+
+
 def _write_splits(tables: dict[str, pa.Table], out: Path) -> int:
     """Write the splits; test rows that share an input become one row with all its references. Return the
     number of test inputs."""
@@ -221,14 +288,18 @@ def _write_splits(tables: dict[str, pa.Table], out: Path) -> int:
 
 
 def prepare_data(
-    cfg: Config, out_dir: str | Path, reference: Callable[[], tuple[str, dict] | None] = lambda: None
+    cfg: Config,
+    out_dir: str | Path,
+    reference: Callable[[], tuple[str, dict] | None] = lambda: None,
+    report: Report = progress.emit,
 ) -> dict:
     """Prepare the splits described by cfg.data into out_dir and return the data card.
 
     `reference` gives the champion's version and data card, to measure drift against; it is called only
     once the data has passed validation, so bad data never reaches the registry, not even to read it.
-    Nothing is written to out_dir unless every check has passed.
+    Nothing is written to out_dir unless every check has passed. `report` receives progress (rows read).
     """
+    show = _Throttled(report)
     if cfg.data.train is None and cfg.data.dataset is None:
         raise BadInputError("neither data.train nor data.dataset is set (the CLI fills in the demo task's files)")
     if cfg.data.dataset and any(getattr(cfg.data, s) for s in SPLITS):
@@ -239,7 +310,11 @@ def prepare_data(
     for split in SPLITS:
         batches = split_batches(split, cfg)
         if batches is not None:
-            tables[split], found[split] = clean(split, batches, dropped, cfg)
+            show(split, force=True, rows=0)
+            tables[split], found[split] = clean(
+                split, batches, dropped, cfg, on_rows=lambda n, split=split: show(split, rows=n)
+            )
+    show("checks", force=True)
     missing = [split for split in ("test", "validation") if split not in tables]
     if missing:
         tables.update(_carve(tables["train"], cfg, missing))
@@ -257,6 +332,7 @@ def prepare_data(
     }
     profile = input_profile(tables["train"].column("input"), words["train"]["input"])
     drift_info = _drift(profile, reference(), cfg)
+    show("write", force=True)
     test_inputs = _write_splits(tables, Path(out_dir))
     card = {
         "counts": {s: tables[s].num_rows for s in SPLITS},
@@ -271,10 +347,12 @@ def prepare_data(
         "content_hash": content_hash(tables),
         "columns": {"input": cfg.data.input_column, "target": cfg.data.target_column},
         "lengths": {split: {col: length_percentiles(w) for col, w in cols.items()} for split, cols in words.items()},
+        "token_lengths": token_lengths(tables, cfg),
         "profile": profile,
         "drift": drift_info,
     }
     write_card(card, Path(out_dir))
+    report("data", len(PHASES), len(PHASES), rows=sum(card["counts"].values()))
     return card
 
 
@@ -293,6 +371,7 @@ def _drift(profile: dict, reference: tuple[str, dict] | None, cfg: Config) -> di
     return {
         "champion_version": version,
         "reference_hash": ref_card.get("content_hash", ""),
+        "reference_length_histogram": ref_card["profile"]["length_histogram"],
         "distance": distance,
         "threshold": threshold,
     }

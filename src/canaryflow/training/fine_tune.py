@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 
 from canaryflow import progress
-from canaryflow.config import Config
+from canaryflow.config import TINY_BASE, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import BadInputError, CanaryflowError
-
-TINY_BASE = "tiny-t5"
 
 
 def _build_or_load(cfg: Config, train_texts: list[str]):
