@@ -2,10 +2,11 @@
 exit handler that records the outcome whatever happened.
 
 `build_pipeline(cfg)` bakes the config in as the default of the `config_json` parameter and takes the
-cluster settings (accelerators, retries) from it, so the compiled YAML and a local run are one DAG.
+cluster settings (accelerators, placement, checkpoint PVC, retries) from it, so the compiled YAML and a
+local run are one DAG; only fine_tune's retries are left out locally, where nothing preempts it.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from canaryflow.components.canary_rollout import canary_rollout
 from canaryflow.components.evaluate_model import evaluate_model
@@ -17,9 +18,32 @@ from canaryflow.config import Config
 
 PIPELINE_NAME = "canaryflow-lifecycle"
 MLFLOW_RETRIES = 2
+CHECKPOINT_MOUNT = "/mnt/canaryflow-checkpoints"
 
 
-def build_pipeline(cfg: Config):
+def _schedule_training(task, cfg: Config, local: bool) -> None:
+    """fine_tune's resources and placement on a cluster, all from config: accelerators, CPU and memory
+    requests, node selector, tolerations, and the PVC its checkpoints outlive a preempted pod on."""
+    t = cfg.train
+    if t.accelerator_limit > 0:
+        task.set_accelerator_type(t.accelerator_type).set_accelerator_limit(t.accelerator_limit)
+    if t.cpu_request:
+        task.set_cpu_request(t.cpu_request)
+    if t.memory_request:
+        task.set_memory_request(t.memory_request)
+    for key, value in t.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in t.tolerations:
+        kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
+    if t.checkpoint_pvc:
+        kubernetes.mount_pvc(task, pvc_name=t.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+    # Each retry resumes from the last checkpoint, so a preemption costs minutes, not the whole run. Locally
+    # nothing preempts the process: a failure is the training's own, and a retry would only repeat it.
+    if not local:
+        task.set_retry(num_retries=t.retries, backoff_duration="30s")
+
+
+def build_pipeline(cfg: Config, local: bool = False):
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="Fine-tune, evaluate against the champion, register, and canary a transformers model.",
@@ -30,9 +54,7 @@ def build_pipeline(cfg: Config):
         with dsl.ExitHandler(record_task, name="lifecycle"):
             prepare_task = prepare_data(**ids).set_display_name("prepare data")
             train_task = fine_tune(data=prepare_task.outputs["data"], **ids).set_display_name("fine-tune")
-            if cfg.train.accelerator_limit > 0:
-                train_task.set_accelerator_type(cfg.train.accelerator_type)
-                train_task.set_accelerator_limit(cfg.train.accelerator_limit)
+            _schedule_training(train_task, cfg, local)
             eval_task = evaluate_model(
                 data=prepare_task.outputs["data"], model=train_task.outputs["model"], **ids
             ).set_display_name("evaluate challenger vs champion")
@@ -57,8 +79,15 @@ def build_pipeline(cfg: Config):
     return lifecycle
 
 
+def for_cluster(cfg: Config) -> Config:
+    """The config a cluster run gets: checkpoints on the mounted PVC unless the config names a folder."""
+    if cfg.train.checkpoint_pvc and not cfg.train.checkpoint_dir:
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": CHECKPOINT_MOUNT})})
+    return cfg
+
+
 def compile_pipeline(cfg: Config, package_path: str) -> str:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(cfg), package_path=package_path)
+    compiler.Compiler().compile(build_pipeline(for_cluster(cfg)), package_path=package_path)
     return package_path

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from canaryflow.errors import BadInputError
 
@@ -84,21 +84,102 @@ TINY_BASE = "tiny-t5"  # model.base value for the tiny T5 built from config, its
 class ModelConfig(_Section):
     base: str = Field(
         TINY_BASE,
-        description="'tiny-t5' (built from model.tiny, tokenizer trained on the data) or a local model directory.",
+        description="'tiny-t5' (built from model.tiny, tokenizer trained on the data), a local model directory, "
+        "a hub id, or models:/NAME@ALIAS (e.g. models:/canaryflow-demo@champion) to continue from a registered model.",
     )
-    task: Literal["seq2seq", "classification"] = Field("seq2seq", description="What the model does.")
+    task: Literal["seq2seq", "classification"] = Field(
+        "seq2seq", description="seq2seq (generate the target) or classification (the target column is the label)."
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub model. Off unless you trust its authors."
+    )
+
+
+class Toleration(_Section):
+    key: str = Field(..., min_length=1, description="Taint key, e.g. nvidia.com/gpu.")
+    operator: Literal["Equal", "Exists"] = Field("Exists", description="Equal matches value; Exists any value.")
+    value: str | None = Field(None, description="Taint value, with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; unset: all."
+    )
 
 
 class TrainConfig(_Section):
     max_steps: int = Field(450, description="Optimizer steps; 0 or less means train.epochs decides.")
     epochs: float = Field(1.0, gt=0, description="Epochs, used only when max_steps <= 0.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (linear decay).")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt"] = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers' lr_scheduler_type)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming the rate up from 0.")
     batch_size: int = Field(32, gt=0, description="Per-device batch size.")
-    num_threads: int = Field(1, gt=0, description="torch threads: 1 is stable under load, 2 is faster when idle.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for model init and data order.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, fp16 with a loss scaler on other GPUs, fp32 on CPU."
+    )
+    tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere and newer GPUs (ignored elsewhere).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together: less padding.")
+    num_threads: int = Field(1, gt=0, description="torch threads: 1 is stable under load, 2 is faster when idle.")
+    checkpoint_steps: int = Field(
+        100, ge=0, description="Checkpoint every N steps (0: never); a rerun after a crash resumes from the last."
+    )
+    checkpoint_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Where checkpoints outlive the step's process: the PVC mount on a cluster; unset locally: "
+        "<workdir>/checkpoints. One subfolder per pipeline run.",
+    )
+    checkpoint_pvc: str | None = Field(
+        "canaryflow-checkpoints", description="PVC mounted for checkpoints on a cluster (unset: no mount)."
+    )
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many checkpoints without a lower validation loss (0: off)."
+    )
+    max_nonfinite: int = Field(
+        3, ge=0, description="NaN/Inf losses or gradient norms tolerated before the step fails (fp16 may skip a few)."
+    )
+    min_loss_ratio: float | None = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="The step fails unless the last logged loss is below this fraction of the first (did it learn?). "
+        "Unset: no check.",
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        description="Reruns of fine_tune after a failure such as a preempted pod; each resumes from a checkpoint.",
+    )
+    fault_nan_after_step: int | None = Field(
+        None, ge=0, description="Fault drill: from this step on the loss is NaN, to rehearse the health guard."
+    )
     accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource asked for on a cluster.")
-    accelerator_limit: int = Field(1, ge=0, description="Accelerators for fine_tune on a cluster (0: CPU only).")
+    accelerator_limit: int = Field(
+        1, ge=0, description="Accelerators for fine_tune on a cluster (0: CPU only; >1: data-parallel via torchrun)."
+    )
+    cpu_request: str | None = Field(None, description="CPU request of fine_tune on a cluster, e.g. '4'.")
+    memory_request: str | None = Field(None, description="Memory request of fine_tune on a cluster, e.g. '16Gi'.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels fine_tune must run on, e.g. {'gpu-type': 'a100'}."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints fine_tune may run on.")
+
+    @field_validator("cpu_request", "memory_request", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> Any:
+        # `--set train.cpu_request=4` arrives as the number 4; Kubernetes quantities are strings.
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_checkpoints(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.checkpoint_steps:
+            raise ValueError("early_stopping_patience needs checkpoint_steps > 0 (validation runs at each checkpoint)")
+        return self
 
 
 class EvalConfig(_Section):

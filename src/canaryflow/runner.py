@@ -31,13 +31,17 @@ class PipelineFailed(CanaryflowError):
 
 
 def with_workdir(cfg: Config, workdir: Path) -> Config:
-    """Fill in what the workdir decides: the SQLite tracking store, unless a tracking URI is configured."""
+    """Fill in what the workdir decides, where the config leaves it open: the SQLite tracking store and
+    the checkpoint folder (which must outlive a step's process, so a rerun can resume)."""
     from canaryflow.registry.tracking import sqlite_uri
 
-    if cfg.mlflow.tracking_uri:
-        return cfg
     workdir.mkdir(parents=True, exist_ok=True)
-    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": sqlite_uri(workdir)})})
+    if not cfg.mlflow.tracking_uri:
+        cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": sqlite_uri(workdir)})})
+    if not cfg.train.checkpoint_dir:
+        checkpoints = str(workdir.resolve() / "checkpoints")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": checkpoints})})
+    return cfg
 
 
 def _demo_state(workdir: Path) -> Path:
@@ -131,7 +135,7 @@ def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line
         sink = _LineSink(log, on_line)
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             try:
-                build_pipeline(cfg)(config_json=cfg.model_dump_json(), run_key=run_key)
+                build_pipeline(cfg, local=True)(config_json=cfg.model_dump_json(), run_key=run_key)
             except Exception as exc:  # kfp.local raises RuntimeError naming the failed task
                 error = exc
     summary = read_summary(cfg, run_key)
@@ -156,7 +160,10 @@ def preflight(cfg: Config) -> None:
         if patterns:
             resolve_files(patterns, split)
     if cfg.model.task != "seq2seq":
-        raise BadInputError(f"model.task {cfg.model.task!r} is not supported yet; use seq2seq")
+        raise BadInputError(
+            f"model.task {cfg.model.task!r}: fine_tune trains it, but the pipeline's evaluation and canary "
+            "support seq2seq only so far"
+        )
 
 
 def run_lifecycle(

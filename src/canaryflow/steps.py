@@ -55,17 +55,47 @@ def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     return card
 
 
+def _flat(prefix: str, values: dict) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(f"{prefix}{key}.", value))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) -> dict:
+    """Train, logging every parameter up front and each logged step's telemetry as it happens, so an
+    operator watching MLflow sees loss, throughput, memory and the health counters live. A run that
+    fails (NaN, no learning, a crash) keeps what it logged; its checkpoints stay for the rerun."""
     import mlflow
+    import torch
 
     from canaryflow.registry.tracking import pipeline_run
     from canaryflow.training.fine_tune import fine_tune
+    from canaryflow.training.launch import data_parallel
 
     cfg = Config.from_json(config_json)
-    metrics = fine_tune(cfg, data_dir, out_dir)
+    checkpoints = str(Path(cfg.train.checkpoint_dir) / run_key) if cfg.train.checkpoint_dir else None
     with pipeline_run(cfg, run_key):
-        mlflow.log_params({f"train.{k}": v for k, v in cfg.train.model_dump().items()})
-        mlflow.log_params({"model.base": cfg.model.base, "model.task": cfg.model.task})
+        params = _flat("", {"train": cfg.train.model_dump(), "model": cfg.model.model_dump()})
+        params.update({f"data.{k}": getattr(cfg.data, k) for k in ("max_source_length", "max_target_length")})
+        # A retried step logs the same values again, which MLflow accepts; a changed value it refuses.
+        mlflow.log_params(params)
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            metrics = data_parallel(cfg, gpus, data_dir, out_dir, checkpoints)
+            for entry in metrics.pop("steps_log"):
+                mlflow.log_metrics({f"train.{k}": v for k, v in entry.items() if k != "step"}, step=entry["step"])
+        else:
+            metrics = fine_tune(
+                cfg,
+                data_dir,
+                out_dir,
+                checkpoints,
+                on_metrics=lambda step, m: mlflow.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
+            )
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         mlflow.log_dict(metrics, "train/train_metrics.json")
         _mark_done("fine_tune")

@@ -76,6 +76,24 @@ def test_fine_tune_writes_model_and_metrics(chain):
     assert chain["train_metrics"].metadata["steps"] == 40
 
 
+def test_fine_tune_logs_every_parameter_and_per_step_telemetry_to_mlflow(chain):
+    from mlflow import MlflowClient
+
+    from canaryflow.registry.tracking import find_run
+
+    run = find_run(chain["cfg"], "job-1")
+    params = run.data.params
+    for key in ("train.lr_scheduler", "train.warmup_ratio", "train.gradient_accumulation_steps", "train.seed"):
+        assert key in params, key
+    assert params["train.max_steps"] == "40" and params["model.base"] == "tiny-t5"
+    client = MlflowClient()
+    for metric in ("train.loss", "train.tokens_per_second", "train.samples_per_second", "train.peak_memory_mb"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert len(history) >= 3 and len({h.step for h in history}) == len(history), metric  # one per logged step
+    counters = client.get_metric_history(run.info.run_id, "train.nonfinite_losses")
+    assert counters and all(h.value == 0 for h in counters)
+
+
 def test_evaluate_model_returns_the_gate_and_a_report(chain):
     assert chain["gate_passed"] is True
     assert chain["eval_metrics"].metadata["bleu"] >= 0

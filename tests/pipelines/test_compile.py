@@ -1,5 +1,7 @@
 """`canaryflow compile` writes KFP IR YAML that kfp loads back, with the cluster settings from config."""
 
+import json
+
 import yaml
 from kfp import components
 
@@ -13,7 +15,13 @@ def _compile(tmp_path, *sets):
         args += ["--set", item]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    return path, yaml.safe_load(path.read_text())
+    return path, next(yaml.safe_load_all(path.read_text()))
+
+
+def _kubernetes(path) -> dict:
+    """The kfp-kubernetes platform spec: the document after the pipeline spec."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    return documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def test_compiled_yaml_loads_back_in_kfp(tmp_path):
@@ -30,6 +38,35 @@ def test_fine_tune_asks_for_the_configured_accelerators(tmp_path):
     assert resources["accelerator"]["resourceCount"] == "4"
     others = [k for k, v in spec["deploymentSpec"]["executors"].items() if "resources" in v["container"]]
     assert others == ["exec-fine-tune"]
+
+
+def test_fine_tune_carries_the_gpu_and_scheduling_settings_from_config(tmp_path):
+    path, spec = _compile(
+        tmp_path,
+        "train.accelerator_limit=2",
+        "train.accelerator_type=nvidia.com/gpu",
+        "train.cpu_request=8",
+        "train.memory_request=32Gi",
+        "train.node_selector={cloud.google.com/gke-accelerator: nvidia-tesla-a100}",
+        "train.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+        "train.checkpoint_pvc=ckpt-claim",
+        "train.retries=3",
+    )
+    container = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]
+    assert container["resources"]["resourceCpuRequest"] == "8"
+    assert container["resources"]["resourceMemoryRequest"] == "32Gi"
+    assert container["resources"]["accelerator"]["resourceCount"] == "2"
+    platform = _kubernetes(path)
+    assert list(platform) == ["exec-fine-tune"]  # the other steps need no GPU node
+    fine_tune = platform["exec-fine-tune"]
+    assert fine_tune["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert fine_tune["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert fine_tune["pvcMount"][0]["constant"] == "ckpt-claim"
+    mount = fine_tune["pvcMount"][0]["mountPath"]
+    baked = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
+    assert baked["train"]["checkpoint_dir"] == mount  # checkpoints land on the claim, where a retry finds them
+    retry = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["fine-tune"]["retryPolicy"]
+    assert retry["maxRetryCount"] == 3
 
 
 def test_cpu_only_config_asks_for_no_accelerator(tmp_path):

@@ -103,6 +103,24 @@ def test_a_failing_step_is_one_line_and_registers_nothing(tmp_path):
     assert versions == {}
 
 
+def test_nan_losses_fail_the_run_with_the_guards_error_and_register_nothing(tmp_path):
+    result = run_cli(
+        "run",
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--set",
+        "train.fault_nan_after_step=3",
+        "--set",
+        "demo.bootstrap_max_steps=40",
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: step fine_tune failed: training stopped: ")
+    assert "non-finite losses" in lines[-1] and "Traceback" not in result.stderr
+    _, versions = _registry(tmp_path / "wd")
+    assert versions == {}
+
+
 def test_summary_renders_for_a_person(lifecycle_run):
     import io
 

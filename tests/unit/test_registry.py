@@ -5,9 +5,10 @@ import pytest
 from mlflow import MlflowClient
 
 from canaryflow.config import load_config
-from canaryflow.errors import CanaryflowError
+from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.registry import models
 from canaryflow.registry.tracking import find_run, pipeline_run, sqlite_uri
+from tests.conftest import demo_config
 
 
 def _evaluation(passed: bool) -> dict:
@@ -100,3 +101,21 @@ def test_review_rows_show_verdicts_and_aliases(registry):
     assert {r["gate"] for r in rows} <= {"passed", "failed"} and rows[0]["bleu"] == 31.5
     ax = plot_metric_history(rows)
     assert len(ax.patches) == 2 * len(rows)
+
+
+def test_fine_tune_continues_from_a_registered_model(registry, trained, prepared, demo_files, tmp_path):
+    from canaryflow.training.fine_tune import fine_tune
+
+    cfg, version = registry
+    base_dir = models.download_model_dir(cfg, f"models:/unit/{version}", tmp_path / "download")
+    assert (base_dir / "model.safetensors").is_file() and (base_dir / "tokenizer.json").is_file()
+    uri = f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"
+    continued = demo_config(demo_files, uri, "registry.model_name=unit", f"model.base=models:/unit/{version}")
+    continued.train.max_steps, continued.train.min_loss_ratio = 10, None
+    metrics = fine_tune(continued, prepared[0], tmp_path / "model")
+    assert metrics["base"] == f"models:/unit/{version}"
+    assert metrics["parameters"] == trained[1]["parameters"]
+    # It starts where the registered model left off, far below a fresh model's first loss.
+    assert metrics["first_loss"] < trained[1]["first_loss"] - 1.0
+    with pytest.raises(BadInputError, match="model.base models:/unit@nobody"):
+        models.download_model_dir(cfg, "models:/unit@nobody", tmp_path / "nothing")

@@ -1,10 +1,22 @@
 import json
 import math
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
+from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.evaluation.generate import Seq2SeqGenerator
+from canaryflow.training import launch
+from canaryflow.training.fine_tune import FINGERPRINT, fine_tune, training_arguments
+from canaryflow.training.precision import Device, Precision, choose
 from canaryflow.training.tokenizer import train_tokenizer
+from tests.conftest import demo_config
 
 
 def test_bpe_tokenizer_round_trips_templated_text():
@@ -35,3 +47,172 @@ def test_generator_keeps_input_order_across_length_sorted_batches(trained):
     one_by_one = [generator.generate([x], batch_size=1, max_new_tokens=8)[0] for x in inputs]
     assert batched == one_by_one
     assert all(isinstance(x, str) for x in batched)
+
+
+@pytest.mark.parametrize(
+    "requested, device, expected",
+    [
+        ("auto", Device(cuda=False), ("fp32", False)),
+        ("auto", Device(cuda=True, bf16=True, capability=(9, 0), name="H100"), ("bf16", True)),
+        ("auto", Device(cuda=True, bf16=True, capability=(8, 0), name="A100"), ("bf16", True)),
+        ("auto", Device(cuda=True, bf16=False, capability=(7, 5), name="T4"), ("fp16", False)),
+        ("auto", Device(cuda=True, bf16=False, capability=(7, 0), name="V100"), ("fp16", False)),
+        ("fp16", Device(cuda=True, bf16=True, capability=(8, 6), name="A10"), ("fp16", True)),
+        ("fp32", Device(cuda=True, bf16=True, capability=(8, 0), name="A100"), ("fp32", True)),
+        ("fp32", Device(cuda=False), ("fp32", False)),
+    ],
+)
+def test_precision_follows_the_device(requested, device, expected):
+    chosen = choose(requested, device)
+    assert (chosen.name, chosen.tf32) == expected
+    flags = chosen.trainer_arguments()
+    assert flags["bf16"] == (expected[0] == "bf16") and flags["fp16"] == (expected[0] == "fp16")
+
+
+def test_tf32_can_be_turned_off_and_impossible_precisions_are_refused():
+    assert choose("auto", Device(cuda=True, bf16=True, capability=(8, 0)), allow_tf32=False).tf32 is False
+    with pytest.raises(BadInputError, match="needs a GPU"):
+        choose("bf16", Device(cuda=False))
+    with pytest.raises(BadInputError, match="T4 does not support bfloat16"):
+        choose("bf16", Device(cuda=True, bf16=False, capability=(7, 5), name="T4"))
+
+
+def test_training_arguments_come_from_config(demo_files, tmp_path):
+    cfg = demo_config(
+        demo_files,
+        "train.lr_scheduler=cosine",
+        "train.warmup_ratio=0.1",
+        "train.gradient_accumulation_steps=4",
+        "train.weight_decay=0.01",
+        "train.label_smoothing=0.1",
+        "train.max_grad_norm=0.5",
+        "train.early_stopping_patience=2",
+        "train.checkpoint_steps=50",
+    )
+    args = training_arguments(cfg, 200, tmp_path, Precision("bf16", True), classify=False)
+    assert args["lr_scheduler_type"] == "cosine" and args["warmup_steps"] == 20
+    assert args["gradient_accumulation_steps"] == 4 and args["weight_decay"] == 0.01
+    assert args["label_smoothing_factor"] == 0.1 and args["max_grad_norm"] == 0.5
+    assert args["bf16"] and not args["fp16"] and args["tf32"]
+    assert args["train_sampling_strategy"] == "group_by_length"  # length-grouped batches
+    assert args["save_steps"] == args["eval_steps"] == 50 and args["load_best_model_at_end"]
+    assert args["metric_for_best_model"] == "eval_loss" and args["greater_is_better"] is False
+    with pytest.raises(BadInputError, match="early_stopping_patience needs checkpoint_steps"):
+        demo_config(demo_files, "train.early_stopping_patience=2", "train.checkpoint_steps=0")
+
+
+def test_nan_losses_stop_training_with_a_clear_error_and_save_nothing(prepared, demo_files, tmp_path):
+    cfg = demo_config(demo_files, "train.max_steps=60", "train.fault_nan_after_step=5", "train.max_nonfinite=2")
+    seen = []
+    with pytest.raises(CanaryflowError) as err:
+        fine_tune(cfg, prepared[0], tmp_path / "model", on_metrics=lambda step, m: seen.append((step, m)))
+    message = str(err.value)
+    assert re.fullmatch(
+        r"training stopped: (\d+) non-finite losses and (\d+) non-finite gradient norms, over "
+        r"train.max_nonfinite 2; nothing is registered",
+        message,
+    )
+    assert sum(map(int, re.findall(r"\d+", message)[:2])) == 3  # stopped at the first count over the limit
+    assert any(m["nonfinite_losses"] > 0 for _, m in seen)  # operators saw the counter rise
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_loss_that_does_not_fall_fails_the_did_it_learn_check(prepared, demo_files, tmp_path):
+    cfg = demo_config(demo_files, "train.max_steps=20", "train.learning_rate=1e-9")
+    with pytest.raises(CanaryflowError, match="training did not learn: loss .* is not below train.min_loss_ratio 0.95"):
+        fine_tune(cfg, prepared[0], tmp_path / "model")
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_telemetry_reports_throughput_memory_and_health_counters(trained):
+    _, metrics = trained
+    assert metrics["tokens_per_second"] > 0 and metrics["samples_per_second"] > 0
+    assert metrics["peak_memory_mb"] > 0 and metrics["precision"] == "fp32"
+    assert metrics["nonfinite_losses"] == 0 and metrics["nonfinite_grad_norms"] == 0
+
+
+_TRAIN_SCRIPT = """
+import sys
+from canaryflow.config import Config
+from canaryflow.training.fine_tune import fine_tune
+cfg = Config.from_json(open(sys.argv[1]).read())
+fine_tune(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(prepared, demo_files, tmp_path):
+    cfg = demo_config(demo_files, "train.max_steps=90", "train.checkpoint_steps=10", "train.checkpoint_limit=3")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.model_dump_json())
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "model"
+    args = [str(config_file), str(prepared[0]), str(out), str(checkpoints)]
+    process = subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, *args], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (checkpoints / "checkpoint-30" / "trainer_state.json").is_file():
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.safetensors").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    # A checkpoint torn by the kill is what a real preemption leaves; the rerun must step back past it.
+    torn = checkpoints / f"checkpoint-{killed_at + 10}"
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text('{"global_st')
+
+    metrics = fine_tune(cfg, prepared[0], out, checkpoints)
+    assert metrics["resumed_from_step"] >= 30 and metrics["resumed_from_step"] == killed_at
+    assert metrics["steps"] == 90  # the step counter carried on; it did not start again at 0
+    assert metrics["final_loss"] < metrics["first_loss"]  # the first loss is the killed process's
+    assert (out / "model.safetensors").is_file() and not checkpoints.exists()  # done: checkpoints cleared
+
+
+def test_checkpoints_from_other_training_are_not_resumed(prepared, demo_files, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-10").mkdir(parents=True)
+    (checkpoints / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (checkpoints / FINGERPRINT).write_text("another config")
+    cfg = demo_config(demo_files, "train.max_steps=20", "train.checkpoint_steps=10")
+    metrics = fine_tune(cfg, prepared[0], tmp_path / "model", checkpoints)
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 20
+
+
+def _reviews(count: int, offset: int) -> list[dict]:
+    good = ["great", "lovely", "superb", "friendly", "tasty"]
+    bad = ["awful", "cold", "rude", "bland", "dirty"]
+    rows = []
+    for i in range(offset, offset + count):
+        words, label = (good, "positive") if i % 2 else (bad, "negative")
+        rows.append({"text": f"visit {i}: the food was {words[i % 5]} and {words[(i // 5) % 5]}", "label": label})
+    return rows
+
+
+def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
+    from canaryflow.config import load_config
+    from canaryflow.data.prepare import prepare_data
+
+    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (60, 2000)}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
+    cfg = load_config(
+        overrides=[
+            *(f"data.{s}={tmp_path / f'{s}.jsonl'}" for s in ("train", "validation", "test")),
+            "data.input_column=text",
+            "data.target_column=label",
+            "model.task=classification",
+            "train.max_steps=80",
+            "train.learning_rate=3e-3",
+        ]
+    )
+    prepare_data(cfg, tmp_path / "data")
+    metrics = fine_tune(cfg, tmp_path / "data", tmp_path / "model")
+    assert metrics["task"] == "classification"
+    assert metrics["val_macro_f1"] >= 0.9 and metrics["val_accuracy"] >= 0.9
+    saved = AutoConfig.from_pretrained(tmp_path / "model")
+    assert saved.id2label == {0: "negative", 1: "positive"}
+
+
+def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
+    cmd = launch.command(4, tmp_path / "c.json", "/data", "/out", "/ckpt/run")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[5:7] == ["-m", "canaryflow.training.launch"] and cmd[-2:] == ["--checkpoints", "/ckpt/run"]

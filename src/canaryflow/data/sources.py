@@ -101,14 +101,23 @@ def _require_columns(names: Iterable[str], split: str, cfg: Config) -> None:
             raise BadInputError(f"data.{split}: missing column {wanted!r}; the columns are {', '.join(names)}")
 
 
-def text_batch(inputs: pa.Array | pa.ChunkedArray, targets: pa.Array | pa.ChunkedArray) -> pa.RecordBatch:
+def _labels(cfg: Config) -> bool:
+    # A classifier's labels are often integers (0/1); as text they are labels all the same.
+    return cfg.model.task == "classification"
+
+
+def text_batch(
+    inputs: pa.Array | pa.ChunkedArray, targets: pa.Array | pa.ChunkedArray, labels: bool = False
+) -> pa.RecordBatch:
     """The two columns as large_string, whatever type the source gave them; a column that is not text
-    becomes nulls, and its present values are marked not_text."""
+    becomes nulls, and its present values are marked not_text. With `labels`, integer targets are text."""
     not_text = np.zeros(len(inputs), dtype=bool)
     columns = []
     for column in (inputs, targets):
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
+        if labels and column is targets and pa.types.is_integer(column.type):
+            column = column.cast(pa.string())
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
             columns.append(column.cast(TEXT))
         else:
@@ -117,8 +126,10 @@ def text_batch(inputs: pa.Array | pa.ChunkedArray, targets: pa.Array | pa.Chunke
     return pa.RecordBatch.from_arrays([*columns, pa.array(not_text)], schema=SCHEMA)
 
 
-def _python_batch(values: list[tuple[object, object]]) -> pa.RecordBatch:
+def _python_batch(values: list[tuple[object, object]], labels: bool = False) -> pa.RecordBatch:
     """Rows parsed by Python, where a column may mix types: text stays, anything else present is not_text."""
+    if labels:
+        values = [(v[0], str(v[1]) if type(v[1]) is int else v[1]) for v in values]
     inputs = [v[0] if isinstance(v[0], str) else None for v in values]
     targets = [v[1] if isinstance(v[1], str) else None for v in values]
     not_text = [any(x is not None and not isinstance(x, str) for x in v) for v in values]
@@ -157,7 +168,8 @@ def _json_array(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]
         _require_columns(records[0], split, cfg)
     keys = (cfg.data.input_column, cfg.data.target_column)
     for start in range(0, len(records), _PY_BATCH_ROWS):
-        yield _python_batch([(r.get(keys[0]), r.get(keys[1])) for r in records[start : start + _PY_BATCH_ROWS]])
+        rows = [(r.get(keys[0]), r.get(keys[1])) for r in records[start : start + _PY_BATCH_ROWS]]
+        yield _python_batch(rows, _labels(cfg))
 
 
 def _json_lines_slowly(path: Path, split: str, cfg: Config, skip: int) -> Iterator[pa.RecordBatch]:
@@ -183,10 +195,10 @@ def _json_lines_slowly(path: Path, split: str, cfg: Config, skip: int) -> Iterat
                 raise BadInputError(f"data.{split}: cannot read {path.name}: line {number} is not a JSON object")
             rows.append((record.get(keys[0]), record.get(keys[1])))
             if len(rows) == _PY_BATCH_ROWS:
-                yield _python_batch(rows)
+                yield _python_batch(rows, _labels(cfg))
                 rows = []
     if rows:
-        yield _python_batch(rows)
+        yield _python_batch(rows, _labels(cfg))
 
 
 def _read_json(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
@@ -202,6 +214,7 @@ def _read_json(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
     _require_columns(first, split, cfg)
     source, target = cfg.data.input_column, cfg.data.target_column
     # An explicit schema reads just the two columns, as large_string; other fields are skipped unparsed.
+    # Integer labels make Arrow refuse the text schema; Python's parser below then reads them as text.
     parse = pajson.ParseOptions(
         explicit_schema=pa.schema([(source, TEXT), (target, TEXT)]), unexpected_field_behavior="ignore"
     )
@@ -210,7 +223,7 @@ def _read_json(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
         for batch in pajson.open_json(
             path, read_options=pajson.ReadOptions(block_size=_BLOCK_BYTES), parse_options=parse
         ):
-            yield text_batch(batch.column(0), batch.column(1))
+            yield text_batch(batch.column(0), batch.column(1), _labels(cfg))
             done += batch.num_rows
     except pa.ArrowInvalid:
         # Arrow refuses a column that mixes types, and locates syntax errors only within its block.
@@ -237,7 +250,7 @@ def _read_csv(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
         convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=dict.fromkeys(columns, TEXT)),
     )
     for batch in reader:
-        yield text_batch(batch.column(0), batch.column(1))
+        yield text_batch(batch.column(0), batch.column(1), _labels(cfg))
 
 
 def _read_parquet(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
@@ -247,7 +260,7 @@ def _read_parquet(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatc
     _require_columns(parquet.schema_arrow.names, split, cfg)
     columns = [cfg.data.input_column, cfg.data.target_column]
     for batch in parquet.iter_batches(batch_size=_PY_BATCH_ROWS, columns=columns):
-        yield text_batch(batch.column(0), batch.column(1))
+        yield text_batch(batch.column(0), batch.column(1), _labels(cfg))
 
 
 _READERS = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
@@ -306,7 +319,8 @@ def dataset_batches(split: str, cfg: Config) -> Iterator[pa.RecordBatch] | None:
         raise BadInputError(f"data.{split}: no rows in {cfg.data.dataset} [{name}]")
     columns = ds.select_columns([cfg.data.input_column, cfg.data.target_column]).with_format("arrow")
     # The dataset is memory-mapped from datasets' cache; batches are read from it as the caller asks.
-    return (text_batch(t.column(0), t.column(1)) for t in columns.iter(batch_size=_PY_BATCH_ROWS))
+    labels = _labels(cfg)
+    return (text_batch(t.column(0), t.column(1), labels) for t in columns.iter(batch_size=_PY_BATCH_ROWS))
 
 
 def split_batches(split: str, cfg: Config) -> Iterator[pa.RecordBatch] | None:

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from canaryflow.config import Config
-from canaryflow.errors import CanaryflowError
+from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.registry.tracking import DATA_CARD, RUN_KEY_TAG, configure, load_artifact_dict, pipeline_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -123,6 +123,22 @@ def load_generator(cfg: Config, ref: str):
     sep = "@" if not ref.isdigit() else "/"
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}{sep}{ref}")
     return model.unwrap_python_model().generator
+
+
+def download_model_dir(cfg: Config, uri: str, dest: Path) -> Path:
+    """The saved transformers directory inside a registered model (models:/NAME@ALIAS or /VERSION), downloaded
+    under dest: what fine_tune continues from when model.base names the registry."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    configure(cfg)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except MlflowException as exc:
+        raise BadInputError(f"model.base {uri}: {str(exc).splitlines()[0]}") from None
+    flavor = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
+    return local / flavor["artifacts"]["model_dir"]["path"]
 
 
 def model_uri(cfg: Config, version: str) -> str:
