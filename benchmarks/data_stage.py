@@ -13,14 +13,12 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-from report import machine, write_section  # a sibling module: scripts run from benchmarks/
+from report import machine, run_child, write_section  # a sibling module: scripts run from benchmarks/
 
 BEGIN, END = "<!-- data-stage:begin -->", "<!-- data-stage:end -->"
 
@@ -58,13 +56,6 @@ def generate(path: Path, rows: int) -> None:
             handle.write(line)
 
 
-def run_side(side: str, path: Path, out: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", _CHILD, side, str(path), str(out)], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{side} failed: {result.stderr.strip().splitlines()[-1]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -80,7 +71,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"pandas": [], "canaryflow": []}
         for i in range(args.repeats):
             for side in runs:
-                runs[side].append(run_side(side, path, Path(tmp) / f"prepared-{i}"))
+                runs[side].append(run_child(side, _CHILD, side, str(path), str(Path(tmp) / f"prepared-{i}")))
         size_mb = path.stat().st_size / 1e6
     baseline, stage = (
         {key: statistics.median(r[key] for r in runs[side]) for key in ("seconds", "peak_mb")} for side in runs

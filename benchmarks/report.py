@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -23,6 +26,15 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
     )
+
+
+def run_child(label: str, script: str, *args: str) -> dict:
+    """Run one side of a benchmark in a fresh Python process (its memory and imports its own) and return
+    the JSON object it printed last."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{label} failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_section(begin: str, end: str, lines: list[str]) -> str:

@@ -88,6 +88,7 @@ def test_training_arguments_come_from_config(demo_files, tmp_path):
         "train.max_grad_norm=0.5",
         "train.early_stopping_patience=2",
         "train.checkpoint_steps=50",
+        "train.group_by_length=true",
     )
     args = training_arguments(cfg, 200, tmp_path, Precision("bf16", True), classify=False)
     assert args["lr_scheduler_type"] == "cosine" and args["warmup_steps"] == 20
@@ -216,3 +217,17 @@ def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
     cmd = launch.command(4, tmp_path / "c.json", "/data", "/out", "/ckpt/run")
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert cmd[5:7] == ["-m", "canaryflow.training.launch"] and cmd[-2:] == ["--checkpoints", "/ckpt/run"]
+
+
+def test_early_stopping_evaluates_at_checkpoints_and_keeps_the_best(prepared, demo_files, tmp_path):
+    cfg = demo_config(
+        demo_files,
+        "train.max_steps=400",
+        "train.checkpoint_steps=10",
+        "train.early_stopping_patience=1",
+        "train.learning_rate=0.05",  # far too high: validation loss soon stops improving
+        "train.min_loss_ratio=null",
+    )
+    metrics = fine_tune(cfg, prepared[0], tmp_path / "model", tmp_path / "checkpoints")
+    assert metrics["steps"] < 400 and metrics["steps"] % 10 == 0  # stopped early, at an evaluation
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -314,6 +314,7 @@ def prepare_data(
             tables[split], found[split] = clean(
                 split, batches, dropped, cfg, on_rows=lambda n, split=split: show(split, rows=n)
             )
+            show(split, force=True, rows=tables[split].num_rows, kept="after cleaning")
     show("checks", force=True)
     missing = [split for split in ("test", "validation") if split not in tables]
     if missing:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -130,19 +131,26 @@ def _checkpoint_to_resume(folder: Path, mark: str) -> str | None:
     """The last complete checkpoint in folder, if it was written for this config and data. A folder left by
     other training is cleared, since resuming it would train something nobody asked for; a checkpoint torn
     by the kill is removed, and the one before it is resumed."""
+    # Under torchrun every rank asks; all reach the same answer, and only rank 0 changes the folder.
+    lead = os.environ.get("RANK", "0") == "0"
     stamp = folder / FINGERPRINT
     if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != mark):
+        if not lead:
+            return None
         print(f"checkpoints in {folder} are from another config or data; starting over", flush=True)
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(mark)
+    if lead:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(mark)
     found = sorted(
         (p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
         key=lambda p: int(p.name.rsplit("-", 1)[-1]),
     )
     while found and not _complete(found[-1]):
-        print(f"removing {found[-1].name}: it was not completely written", flush=True)
-        shutil.rmtree(found.pop())
+        torn = found.pop()
+        if lead:
+            print(f"removing {torn.name}: it was not completely written", flush=True)
+            shutil.rmtree(torn)
     if found:
         print(f"resuming from {found[-1]}", flush=True)
     return str(found[-1]) if found else None
