@@ -7,7 +7,7 @@ without padding per second of `trainer.train()`. The plain side is what the tran
 random batches, padded per batch by DataCollatorForSeq2Seq. fine_tune adds the health guard and
 telemetry, and runs twice: with its defaults, and with length-grouped batches. Every side also reports its
 validation loss, since grouping trades randomness for speed. Each side runs in a fresh process, in turns,
-`--repeats` times; medians are reported. The data is a demo drop whose inputs vary in length.
+`--repeats` times, each repeat starting with another side; medians are reported. The data is a demo drop whose inputs vary in length.
 
 Usage: .venv/bin/python benchmarks/training_cpu.py [--steps N] [--repeats N]
 """
@@ -92,8 +92,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="canaryflow-train-bench-") as tmp:
         data = _prepare(Path(tmp), args.records)
         runs: dict[str, list[dict]] = {"plain": [], "canaryflow": [], "grouped": []}
+        sides = list(runs)
         for i in range(args.repeats):
-            for side in runs:
+            # Each repeat starts with another side, so no side always runs first (or after the same one).
+            for side in sides[i % len(sides) :] + sides[: i % len(sides)]:
                 out = str(Path(tmp) / f"{side}-{i}")
                 runs[side].append(run_child(side, _CHILD, side, str(data), out, str(args.steps), str(args.threads)))
                 print(side, runs[side][-1], flush=True)
@@ -105,7 +107,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Tiny T5 (0.8M parameters), {args.steps} steps of batch 32, fp32, "
         f"{args.threads} torch thread(s), demo data ({args.records} records); medians of {args.repeats} "
-        "alternating runs, each in a fresh process.",
+        "runs in rotating order, each in a fresh process.",
         "",
         "| what | input tokens/s (no padding) | ratio | validation loss after training |",
         "| --- | ---: | ---: | ---: |",
