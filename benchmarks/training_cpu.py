@@ -7,7 +7,8 @@ without padding per second of `trainer.train()`. The plain side is what the tran
 random batches, padded per batch by DataCollatorForSeq2Seq. fine_tune adds the health guard and
 telemetry, and runs twice: with its defaults, and with length-grouped batches. Every side also reports its
 validation loss, since grouping trades randomness for speed. Each side runs in a fresh process, in turns,
-`--repeats` times, each repeat starting with another side; medians are reported. The data is a demo drop whose inputs vary in length.
+`--repeats` times, each repeat starting with another side; medians are reported. The data is a demo
+drop whose inputs vary in length.
 
 Usage: .venv/bin/python benchmarks/training_cpu.py [--steps N] [--repeats N]
 """
