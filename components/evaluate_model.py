@@ -1,7 +1,7 @@
 """KFP component: evaluate_model."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from canaryflow.images import BASE_IMAGE
 
@@ -16,6 +16,7 @@ def evaluate_model(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[Markdown],
+    report_html: Output[HTML],
 ) -> bool:
     """Score the challenger and the current champion on the same test set; return whether the gate passed.
 
@@ -27,7 +28,8 @@ def evaluate_model(
         model: The challenger, output of fine_tune.
         evaluation: Directory with evaluation.json (metrics of both models, gate reasons) and report.md.
         metrics: The challenger's metrics, shown in the KFP UI.
-        report: The Markdown report, shown in the KFP UI.
+        report: The Markdown report, shown in the KFP UI: metrics with confidence intervals, gate reasons, examples.
+        report_html: The same report as HTML, with the per-example differences plotted inline.
     """
     import shutil
 
@@ -37,4 +39,5 @@ def evaluate_model(
     for name, value in result["metrics"]["challenger"].items():
         metrics.log_metric(name, value)
     shutil.copyfile(f"{evaluation.path}/report.md", report.path)
+    shutil.copyfile(f"{evaluation.path}/report.html", report_html.path)
     return result["gate"]["passed"]

@@ -199,8 +199,35 @@ class GateConfig(_Section):
     )
     non_inferiority: dict[str, float] = Field(
         default_factory=lambda: {"bleu": 1.0, "chrf": 1.0},
-        description="How far below the champion a metric may fall and still pass.",
+        description="Per metric, how far below the champion it may fall: passes when the paired bootstrap shows "
+        "the difference is above -margin (its confidence interval's lower end).",
     )
+    improvement: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per metric, an improvement over the champion required instead of a margin, judged the same way.",
+    )
+    resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the test items.")
+    seed: int = Field(12345, description="Seed of the bootstrap resamples, so a verdict can be reproduced.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of the intervals (two-sided).")
+    correction: Literal["holm", "none"] = Field(
+        "holm", description="Correction for judging several metrics at once (Holm's step-down), or none."
+    )
+
+    @model_validator(mode="after")
+    def _one_rule_per_known_metric(self) -> GateConfig:
+        from canaryflow.evaluation.bootstrap import GATEABLE
+
+        both = sorted(set(self.non_inferiority) & set(self.improvement))
+        if both:
+            raise ValueError(f"{both[0]} has both a non_inferiority margin and an improvement; give one")
+        unknown = sorted((set(self.non_inferiority) | set(self.improvement)) - set(GATEABLE))
+        if unknown:
+            raise ValueError(f"cannot compare {unknown[0]!r} against the champion; use one of {', '.join(GATEABLE)}")
+        return self
+
+    def thresholds(self) -> dict[str, float]:
+        """H0 per compared metric is "challenger - champion <= threshold"; the gate needs it rejected."""
+        return {**{m: -margin for m, margin in self.non_inferiority.items()}, **self.improvement}
 
 
 class CanaryConfig(_Section):

@@ -105,7 +105,7 @@ def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) 
 def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, out_dir: str) -> dict:
     import mlflow
 
-    from canaryflow.evaluation.scoring import evaluate_models
+    from canaryflow.evaluation.scoring import PLOT_FILE, evaluate_models
     from canaryflow.registry import models
     from canaryflow.registry.tracking import pipeline_run
 
@@ -117,8 +117,11 @@ def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir
         for role, values in result["metrics"].items():
             if values:
                 mlflow.log_metrics({f"{role}.{k}": v for k, v in values.items()})
+        for metric, c in (result["comparisons"] or {}).items():
+            mlflow.log_metrics({f"gate.{metric}.diff": c["diff"], f"gate.{metric}.p_value": c["p_value"]})
         mlflow.log_dict(result, "evaluation/evaluation.json")
-        mlflow.log_artifact(str(Path(out_dir) / "report.md"), "evaluation")
+        for name in ("report.md", "report.html", PLOT_FILE):
+            mlflow.log_artifact(str(Path(out_dir) / name), "evaluation")
         mlflow.set_tag("gate.passed", str(result["gate"]["passed"]).lower())
         _mark_done("evaluate_model")
     return result

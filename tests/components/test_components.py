@@ -4,7 +4,7 @@ the DAG chains them, against a real MLflow SQLite store and real model servers."
 import json
 
 import pytest
-from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 from mlflow import MlflowClient
 
 from canaryflow.components.canary_rollout import canary_rollout
@@ -42,12 +42,14 @@ def chain(tmp_path_factory, demo_files):
     fine_tune.python_func(data=out["data"], model=out["model"], metrics=out["train_metrics"], **ids)
     out["evaluation"] = _artifact(Artifact, tmp, "evaluation")
     out["eval_metrics"], out["report"] = _artifact(Metrics, tmp, "eval_metrics"), _artifact(Markdown, tmp, "report.md")
+    out["report_html"] = _artifact(HTML, tmp, "report.html")
     out["gate_passed"] = evaluate_model.python_func(
         data=out["data"],
         model=out["model"],
         evaluation=out["evaluation"],
         metrics=out["eval_metrics"],
         report=out["report"],
+        report_html=out["report_html"],
         **ids,
     )
     out["version"] = register_model.python_func(
@@ -98,8 +100,11 @@ def test_evaluate_model_returns_the_gate_and_a_report(chain):
     assert chain["gate_passed"] is True
     assert chain["eval_metrics"].metadata["bleu"] >= 0
     assert (chain["tmp"] / "report.md").read_text().startswith("# Evaluation")
+    html = (chain["tmp"] / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
     evaluation = json.loads((chain["tmp"] / "evaluation" / "evaluation.json").read_text())
     assert evaluation["metrics"]["champion"] is None  # nothing served yet
+    assert evaluation["comparisons"] is None and evaluation["latency_ms"]["challenger"]["p95"] > 0
 
 
 def test_register_and_canary_promote_the_first_model_after_a_smoke_check(chain):
@@ -131,12 +136,18 @@ def test_evaluate_scores_the_champion_from_the_registry(chain):
         evaluation=evaluation,
         metrics=_artifact(Metrics, tmp, "m2"),
         report=_artifact(Markdown, tmp, "r2.md"),
+        report_html=_artifact(HTML, tmp, "r2.html"),
         **ids,
     )
     result = json.loads((tmp / "evaluation-2" / "evaluation.json").read_text())
     assert result["champion_version"] == "1"
     for name in ("bleu", "chrf", "rougeL", "token_f1"):
         assert result["metrics"]["champion"][name] == result["metrics"]["challenger"][name]
+    # Identical systems: every resample's difference is 0, so non-inferiority by a margin is certain.
+    bleu = result["comparisons"]["bleu"]
+    assert bleu["diff"] == bleu["ci_low"] == bleu["ci_high"] == 0 and bleu["p_value"] < 0.01
+    report = (tmp / "r2.md").read_text()
+    assert "[+0.00, +0.00] (95%)" in report and "H0: diff <= -1.00" in report
 
 
 def test_record_outcome_names_the_step_that_did_not_finish(chain):

@@ -78,6 +78,8 @@ def test_a_second_run_trains_a_new_challenger_against_the_champion(lifecycle_run
     assert summary["registry"]["aliases"]["champion"] == champion_before
     _, versions = _registry(workdir)
     assert versions["3"].tags["gate.passed"] == "false"
+    assert float(versions["3"].tags["gate.bleu.p_value"]) > 0.0125  # the statistics behind the verdict
+    assert versions["3"].tags["gate.bleu.ci"].endswith("at 95%")
     assert "canary.verdict" not in versions["3"].tags
 
 

@@ -1,31 +1,79 @@
+"""The promotion gate: floors, then the paired bootstrap's comparisons, with Holm's correction."""
+
 import pytest
 
 from canaryflow.config import GateConfig
+from canaryflow.evaluation.bootstrap import Comparison
 from canaryflow.evaluation.gate import decide
 
-GATE = GateConfig(floors={"bleu": 20.0}, non_inferiority={"bleu": 1.0})
+GATE = GateConfig(floors={"bleu": 20.0}, non_inferiority={"bleu": 1.0, "chrf": 1.0})
+
+
+def _c(metric: str, diff: float, p: float, threshold: float = -1.0, low: float = -0.5, high: float = 2.0):
+    return Comparison(metric, 30.0 + diff, 30.0, diff, low, high, 0.95, threshold, p, 1000)
 
 
 @pytest.mark.parametrize(
-    "challenger, champion, passed, failing",
+    "challenger, comparisons, passed, failing",
     [
-        ({"bleu": 30.0}, None, True, []),
+        ({"bleu": 30.0}, None, True, []),  # no champion: floors alone
         ({"bleu": 19.9}, None, False, ["bleu floor"]),
-        ({"bleu": 30.0}, {"bleu": 30.5}, True, []),  # within the non-inferiority margin
-        ({"bleu": 30.0}, {"bleu": 31.0}, True, []),  # exactly at the margin
-        ({"bleu": 30.0}, {"bleu": 31.01}, False, ["bleu vs champion"]),
-        ({"bleu": 10.0}, {"bleu": 40.0}, False, ["bleu floor", "bleu vs champion"]),
         ({"chrf": 50.0}, None, False, ["bleu floor"]),  # a gated metric that was not computed fails
-        ({"bleu": 30.0}, {"chrf": 1.0}, False, ["bleu vs champion"]),
+        # Holm with m=2 at alpha 0.025: the smaller p must be <= 0.0125, the other <= 0.025.
+        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.02)}, True, []),
+        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.03)}, False, ["chrf vs champion"]),
+        # Both under 0.025, but the smaller is not under 0.0125: Holm stops at once and fails both.
+        (
+            {"bleu": 30.0},
+            {"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.015)},
+            False,
+            ["chrf vs champion", "bleu vs champion"],
+        ),
+        (
+            {"bleu": 10.0},
+            {"bleu": _c("bleu", -20, 0.9), "chrf": _c("chrf", 0, 0.001)},
+            False,
+            ["bleu floor", "bleu vs champion"],
+        ),
+        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001)}, False, ["chrf vs champion"]),  # chrf was not compared
     ],
 )
-def test_gate_table(challenger, champion, passed, failing):
-    decision = decide(challenger, champion, GATE)
+def test_gate_table(challenger, comparisons, passed, failing):
+    decision = decide(challenger, comparisons, GATE)
     assert decision.passed is passed
     assert [c.name for c in decision.checks if not c.passed] == failing
     assert len(decision.reasons) == len(decision.checks)
 
 
-def test_reasons_spell_out_the_numbers():
-    decision = decide({"bleu": 25.0}, {"bleu": 27.0}, GATE)
-    assert "FAIL bleu vs champion: 25.00 vs champion 27.00 (diff -2.00, allowed -1.00)" in decision.reasons
+def test_without_correction_each_metric_is_held_to_alpha():
+    gate = GATE.model_copy(update={"correction": "none"})
+    comparisons = {"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.015)}
+    assert decide({"bleu": 30.0}, comparisons, gate).passed is True
+
+
+def test_a_required_improvement_is_judged_like_a_margin():
+    gate = GateConfig(floors={}, non_inferiority={}, improvement={"bleu": 0.5})
+    assert gate.thresholds() == {"bleu": 0.5}
+    better = {"bleu": _c("bleu", 3.0, 0.004, threshold=0.5, low=1.0, high=5.0)}
+    unsure = {"bleu": _c("bleu", 0.8, 0.4, threshold=0.5, low=-1.5, high=3.0)}
+    assert decide({}, better, gate).passed is True
+    decision = decide({}, unsure, gate)
+    assert not decision.passed and "improvement: H0 diff <= +0.50, p=0.4000 > 0.0250" in decision.reasons[0]
+
+
+def test_reasons_spell_out_the_difference_and_its_interval():
+    decision = decide({"bleu": 25.0}, {"bleu": _c("bleu", 0.3, 0.2), "chrf": _c("chrf", 1.0, 0.001)}, GATE)
+    reason = next(r for r in decision.reasons if r.startswith("FAIL bleu vs champion"))
+    assert "diff +0.30 [95% CI -0.50, +2.00]; non-inferiority: H0 diff <= -1.00, p=0.2000 > 0.0250" in reason
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"non_inferiority": {"bleu": 1.0}, "improvement": {"bleu": 0.5}}, "bleu has both a non_inferiority"),
+        ({"non_inferiority": {"bleurt": 1.0}}, "cannot compare 'bleurt' against the champion"),
+    ],
+)
+def test_gate_config_refuses_contradictions(update, message):
+    with pytest.raises(ValueError, match=message):
+        GateConfig(**update)

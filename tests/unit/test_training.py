@@ -231,3 +231,12 @@ def test_early_stopping_evaluates_at_checkpoints_and_keeps_the_best(prepared, de
     metrics = fine_tune(cfg, prepared[0], tmp_path / "model", tmp_path / "checkpoints")
     assert metrics["steps"] < 400 and metrics["steps"] % 10 == 0  # stopped early, at an evaluation
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_per_example_latency_is_the_time_of_the_batch_it_was_in(trained):
+    generator = Seq2SeqGenerator(trained[0])
+    inputs = ["name: A", "name: B | job: baker", "name: C | job: baker | city: Oslo | age: 30 | hobby: chess"]
+    outputs, latencies = generator.generate_timed(inputs, batch_size=2, max_new_tokens=8)
+    assert outputs == generator.generate(inputs, batch_size=2, max_new_tokens=8)
+    assert len(latencies) == 3 and all(ms > 0 for ms in latencies)
+    assert latencies[0] == latencies[1] != latencies[2]  # the two shortest inputs shared a batch

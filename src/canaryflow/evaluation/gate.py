@@ -1,18 +1,23 @@
-"""The promotion gate: may the challenger go to canary? A pure function, table-tested."""
+"""The promotion gate: may the challenger go to canary? A pure function, table-tested.
+
+The champion comparison is statistical: each compared metric comes with the paired bootstrap's
+challenger-minus-champion difference, its confidence interval and the one-sided p-value of H0 "the
+difference is at or below the threshold" (see bootstrap.py). A metric passes when H0 is rejected at
+alpha = (1 - confidence) / 2, which for one metric is the interval's lower end lying above the threshold;
+with several metrics, Holm's step-down keeps the chance of passing any non-inferior metric by luck at alpha.
+"""
 
 from __future__ import annotations
 
 from canaryflow.config import GateConfig
 from canaryflow.decision import Check, Decision
+from canaryflow.evaluation.bootstrap import Comparison, holm
 
 
-def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate: GateConfig) -> Decision:
-    """Judge challenger metrics against absolute floors and, when a champion exists, non-inferiority.
-
-    A metric named in the gate but missing from the challenger's results fails: a gate that silently
-    skips a check it was told to make would pass models nobody judged.
-    """
-    checks: list[Check] = []
+def _floors(challenger: dict[str, float], gate: GateConfig) -> list[Check]:
+    """A metric named in the gate but missing from the results fails: a gate that silently skips a check
+    it was told to make would pass models nobody judged."""
+    checks = []
     for metric, floor in sorted(gate.floors.items()):
         value = challenger.get(metric)
         if value is None:
@@ -20,20 +25,35 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate
             continue
         ok = value >= floor
         checks.append(Check(f"{metric} floor", ok, f"{value:.2f} {'>=' if ok else '<'} floor {floor:.2f}"))
-    if champion is None:
+    return checks
+
+
+def decide(challenger: dict[str, float], comparisons: dict[str, Comparison] | None, gate: GateConfig) -> Decision:
+    """Judge the challenger: absolute floors, then each compared metric against the champion."""
+    checks = _floors(challenger, gate)
+    if comparisons is None:
         checks.append(Check("champion comparison", True, "no champion yet: floors alone decide"))
         return Decision.of(checks)
-    for metric, margin in sorted(gate.non_inferiority.items()):
-        value, base = challenger.get(metric), champion.get(metric)
-        if value is None or base is None:
-            checks.append(Check(f"{metric} vs champion", False, f"metric {metric!r} missing for one model"))
-            continue
-        ok = value >= base - margin
-        checks.append(
-            Check(
-                f"{metric} vs champion",
-                ok,
-                f"{value:.2f} vs champion {base:.2f} (diff {value - base:+.2f}, allowed -{margin:.2f})",
-            )
+    alpha = (1 - gate.confidence) / 2
+    wanted = gate.thresholds()
+    missing = sorted(set(wanted) - set(comparisons))
+    checks += [Check(f"{m} vs champion", False, f"metric {m!r} was not compared") for m in missing]
+    compared = {m: comparisons[m] for m in sorted(wanted) if m in comparisons}
+    p_values = {m: c.p_value for m, c in compared.items()}
+    limits = holm(p_values, alpha) if gate.correction == "holm" else dict.fromkeys(p_values, alpha)
+    # Holm steps down from the smallest p-value and stops at the first metric it cannot pass.
+    stopped = False
+    for metric in sorted(compared, key=lambda m: (p_values[m], m)):
+        c = compared[metric]
+        ok = not stopped and c.p_value <= limits[metric]
+        stopped = stopped or not ok
+        rule = "improvement" if metric in gate.improvement else "non-inferiority"
+        detail = (
+            f"{c.challenger:.2f} vs champion {c.champion:.2f}, diff {c.diff:+.2f} "
+            f"[{c.confidence:.0%} CI {c.ci_low:+.2f}, {c.ci_high:+.2f}]; {rule}: H0 diff <= {c.threshold:+.2f}, "
+            f"p={c.p_value:.4f} {'<=' if c.p_value <= limits[metric] else '>'} {limits[metric]:.4f}"
         )
+        if not ok and c.p_value <= limits[metric]:
+            detail += " (Holm stopped at a metric before it)"
+        checks.append(Check(f"{metric} vs champion", ok, detail))
     return Decision.of(checks)

@@ -10,11 +10,15 @@ from pathlib import Path
 from canaryflow import progress
 from canaryflow.config import Config
 from canaryflow.data.prepare import read_pairs
+from canaryflow.evaluation import report
+from canaryflow.evaluation.bootstrap import Comparison, ItemScores, paired_bootstrap
 from canaryflow.evaluation.gate import decide
 from canaryflow.evaluation.generate import Seq2SeqGenerator
+from canaryflow.stats import percentile
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 METRIC_MODULES = ("corpus_bleu", "corpus_chrf", "rouge_mean", "token_f1")
+PLOT_FILE = "per_example_differences.png"
 
 
 @cache
@@ -40,7 +44,7 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 
 def run_system(generator: Seq2SeqGenerator, inputs: list[str], references: list[list[str]], cfg: Config):
     started = time.perf_counter()
-    predictions = generator.generate(
+    predictions, latencies = generator.generate_timed(
         inputs,
         batch_size=cfg.eval.batch_size,
         num_beams=cfg.eval.num_beams,
@@ -49,7 +53,21 @@ def run_system(generator: Seq2SeqGenerator, inputs: list[str], references: list[
     seconds = time.perf_counter() - started
     metrics = score(predictions, references)
     metrics["examples_per_second"] = round(len(inputs) / seconds, 2)
-    return predictions, metrics
+    latency = {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)}
+    return predictions, metrics, latency
+
+
+def compare(cfg: Config, references: list[list[str]], predictions: dict[str, list[str]]) -> dict[str, Comparison]:
+    """The paired bootstrap of every metric the gate compares, challenger against champion."""
+    return paired_bootstrap(
+        ItemScores(predictions["challenger"], references),
+        ItemScores(predictions["champion"], references),
+        len(references),
+        cfg.gate.thresholds(),
+        resamples=cfg.gate.resamples,
+        seed=cfg.gate.seed,
+        confidence=cfg.gate.confidence,
+    )
 
 
 def evaluate_models(
@@ -59,7 +77,8 @@ def evaluate_models(
     champion: tuple[str, Seq2SeqGenerator] | None,
     out_dir: str | Path,
 ) -> dict:
-    """Score both systems on the test split; write evaluation.json and report.md to out_dir; return the result."""
+    """Score both systems on the test split, compare them by paired bootstrap, judge them with the gate;
+    write evaluation.json, report.md, report.html and the plot to out_dir; return the result."""
     test = read_pairs(data_dir, "test")
     inputs = list(test["input"])
     references = [list(refs) for refs in test["references"]]
@@ -68,13 +87,18 @@ def evaluate_models(
         systems.append(("champion", champion[1]))
     predictions: dict[str, list[str]] = {}
     metrics: dict[str, dict[str, float] | None] = {"challenger": None, "champion": None}
+    latency: dict[str, dict[str, float]] = {}
     for done, (role, generator) in enumerate(systems):
-        progress.emit("evaluate", done, len(systems), system=role)
-        predictions[role], metrics[role] = run_system(generator, inputs, references, cfg)
-    progress.emit("evaluate", len(systems), len(systems))
-    decision = decide(metrics["challenger"], metrics["champion"], cfg.gate)
+        progress.emit("evaluate", done, len(systems) + 1, system=role)
+        predictions[role], metrics[role], latency[role] = run_system(generator, inputs, references, cfg)
+    progress.emit("evaluate", len(systems), len(systems) + 1, step="paired bootstrap")
+    comparisons = compare(cfg, references, predictions) if champion is not None else None
+    progress.emit("evaluate", len(systems) + 1, len(systems) + 1)
+    decision = decide(metrics["challenger"], comparisons, cfg.gate)
     result = {
         "metrics": metrics,
+        "comparisons": {m: c.to_dict() for m, c in comparisons.items()} if comparisons else None,
+        "latency_ms": latency,
         "champion_version": champion[0] if champion else None,
         "test_inputs": len(inputs),
         "gate": decision.to_dict(),
@@ -82,25 +106,8 @@ def evaluate_models(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(render_report(result, inputs, references, predictions), encoding="utf-8")
+    built = report.build(result, inputs, references, predictions)
+    report.plot(built).figure.savefig(out / PLOT_FILE, dpi=100)
+    (out / "report.md").write_text(report.markdown(built, PLOT_FILE), encoding="utf-8")
+    (out / "report.html").write_text(report.to_html(built), encoding="utf-8")
     return result
-
-
-def render_report(result: dict, inputs: list[str], references: list[list[str]], predictions: dict) -> str:
-    challenger, champion = result["metrics"]["challenger"], result["metrics"]["champion"]
-    lines = [
-        "# Evaluation",
-        "",
-        f"Gate: **{'PASSED' if result['gate']['passed'] else 'FAILED'}** on {result['test_inputs']} test inputs.",
-        "",
-        "| metric | challenger | champion |",
-        "| --- | ---: | ---: |",
-    ]
-    for name, value in challenger.items():
-        base = f"{champion[name]:.2f}" if champion else "-"
-        lines.append(f"| {name} | {value:.2f} | {base} |")
-    lines += ["", "## Gate reasons", ""] + [f"- {reason}" for reason in result["gate"]["reasons"]]
-    lines += ["", "## Examples", "", "| input | challenger | reference |", "| --- | --- | --- |"]
-    for i in range(min(5, len(inputs))):
-        lines.append(f"| {inputs[i]} | {predictions['challenger'][i]} | {references[i][0]} |")
-    return "\n".join(lines) + "\n"

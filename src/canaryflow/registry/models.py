@@ -96,6 +96,12 @@ def register_candidate(
     }
     for metric, value in (evaluation["metrics"]["challenger"] or {}).items():
         tags[f"metric.{metric}"] = f"{value:.4f}"
+    # The verdict's statistics, so a reviewer reads why from the version itself, not only from the run.
+    for metric, c in (evaluation.get("comparisons") or {}).items():
+        tags[f"gate.{metric}.diff"] = f"{c['diff']:+.4f}"
+        tags[f"gate.{metric}.ci"] = f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] at {c['confidence']:.0%}"
+        tags[f"gate.{metric}.p_value"] = f"{c['p_value']:.6f}"
+        tags[f"gate.{metric}.threshold"] = f"{c['threshold']:+.4f}"
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     if gate["passed"]:

@@ -10,6 +10,7 @@ _INPUTS = """
 Args:
     predictions: list of generated strings.
     references: list of lists of reference strings; each prediction takes its best reference.
+    per_item: also return each prediction's scores under "per_item" (for paired bootstrap resampling).
 Returns:
     rouge1, rouge2, rougeL, rougeLsum: mean F-measure (0-1).
 """
@@ -24,13 +25,16 @@ class RougeMean(evaluate.Metric):
             features=text_features(),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_item=False):
         scorer = rouge_scorer.RougeScorer(list(_TYPES), use_stemmer=True)
-        totals = dict.fromkeys(_TYPES, 0.0)
+        items = {name: [] for name in _TYPES}
         for prediction, refs in zip(predictions, references):
             # score_multi keeps, per type, the reference with the best F-measure.
             scores = scorer.score_multi(refs, prediction)
             for name in _TYPES:
-                totals[name] += scores[name].fmeasure
+                items[name].append(scores[name].fmeasure)
         count = max(len(predictions), 1)
-        return {name: total / count for name, total in totals.items()}
+        result = {name: sum(values) / count for name, values in items.items()}
+        if per_item:
+            result["per_item"] = items
+        return result

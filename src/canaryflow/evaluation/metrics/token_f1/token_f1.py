@@ -12,6 +12,7 @@ _INPUTS = """
 Args:
     predictions: list of generated strings.
     references: list of lists of reference strings.
+    per_item: also return each prediction's f1 and exact_match under "per_item" (for bootstrap resampling).
 Returns:
     f1: mean token F1 (0-1); exact_match: share of predictions equal to a reference after normalisation.
 """
@@ -46,11 +47,14 @@ class TokenF1(evaluate.Metric):
             features=text_features(),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_item=False):
         f1 = [max(token_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
         exact = [
             max(float(normalize_answer(p) == normalize_answer(r)) for r in refs)
             for p, refs in zip(predictions, references)
         ]
         count = max(len(predictions), 1)
-        return {"f1": sum(f1) / count, "exact_match": sum(exact) / count}
+        result = {"f1": sum(f1) / count, "exact_match": sum(exact) / count}
+        if per_item:
+            result["per_item"] = {"f1": f1, "exact_match": exact}
+        return result

@@ -1,0 +1,129 @@
+"""Paired bootstrap resampling of the challenger-minus-champion difference, as sacrebleu does it.
+
+Koehn (2004), "Statistical Significance Tests for Machine Translation Evaluation": resample the test items
+with replacement, recompute each corpus metric for both systems on the same resample, and read the
+difference's spread off the resamples. Corpus BLEU and chrF are recomputed from per-item sufficient
+statistics (sacrebleu's own, summed over the resample), so a resample costs a sum, not a re-scoring;
+metrics that are means of per-item scores (ROUGE, token F1, exact match) are resampled as means.
+
+For a gate threshold t (a non-inferiority margin as -margin, or a required improvement as +delta), the
+one-sided p-value of H0 "difference <= t" uses the resamples shifted to the null (sacrebleu's approach):
+p = (1 + #{b : d_b - d >= d - t}) / (B + 1), where d is the observed difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from canaryflow.errors import BadInputError
+
+CORPUS_METRICS = ("bleu", "chrf")
+MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "token_f1", "exact_match")
+GATEABLE = CORPUS_METRICS + MEAN_METRICS
+_CHUNK = 100  # resamples summed at once: bounds memory at _CHUNK x items x statistics
+
+
+@dataclass(frozen=True)
+class Comparison:
+    metric: str
+    challenger: float
+    champion: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    threshold: float  # H0: diff <= threshold (-margin for non-inferiority, +delta for a required improvement)
+    p_value: float
+    resamples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sacrebleu_metric(name: str):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    return BLEU() if name == "bleu" else CHRF()
+
+
+def _streams(references: list[list[str]]) -> list[list[str | None]]:
+    from canaryflow.evaluation.metric_base import reference_streams
+
+    return reference_streams(references)
+
+
+class ItemScores:
+    """One system's per-item material for every gateable metric, computed once and resampled cheaply."""
+
+    def __init__(self, predictions: list[str], references: list[list[str]]):
+        from canaryflow.evaluation.scoring import load_metric
+
+        streams = _streams(references)
+        self.stats = {
+            name: np.asarray(_sacrebleu_metric(name)._extract_corpus_statistics(predictions, streams), dtype=np.int64)
+            for name in CORPUS_METRICS
+        }
+        rouge = load_metric("rouge_mean").compute(predictions=predictions, references=references, per_item=True)
+        f1 = load_metric("token_f1").compute(predictions=predictions, references=references, per_item=True)
+        self.values = {name: 100 * np.asarray(rouge["per_item"][name], dtype=float) for name in MEAN_METRICS[:4]}
+        self.values["token_f1"] = 100 * np.asarray(f1["per_item"]["f1"], dtype=float)
+        self.values["exact_match"] = 100 * np.asarray(f1["per_item"]["exact_match"], dtype=float)
+
+    def score(self, metric: str, indices: np.ndarray) -> np.ndarray:
+        """The metric on each resample (a row of item indices); one value per row."""
+        if metric in self.values:
+            return self.values[metric][indices].mean(axis=1)
+        scorer = _sacrebleu_metric(metric)
+        out = np.empty(len(indices))
+        for start in range(0, len(indices), _CHUNK):
+            sums = self.stats[metric][indices[start : start + _CHUNK]].sum(axis=1)
+            out[start : start + len(sums)] = [scorer._compute_score_from_stats(list(row)).score for row in sums]
+        return out
+
+    def full(self, metric: str, n: int) -> float:
+        return float(self.score(metric, np.arange(n)[None, :])[0])
+
+
+def paired_bootstrap(
+    challenger: ItemScores,
+    champion: ItemScores,
+    n_items: int,
+    thresholds: dict[str, float],
+    resamples: int = 1000,
+    seed: int = 12345,
+    confidence: float = 0.95,
+) -> dict[str, Comparison]:
+    """Compare the two systems on every metric in thresholds, on the same seeded resamples."""
+    if n_items < 2:
+        raise BadInputError(f"the test split has {n_items} input; comparing with the champion needs at least 2")
+    indices = np.random.default_rng(seed).integers(0, n_items, size=(resamples, n_items))
+    tail = (1 - confidence) / 2
+    out: dict[str, Comparison] = {}
+    for metric, threshold in thresholds.items():
+        a, b = challenger.full(metric, n_items), champion.full(metric, n_items)
+        observed = a - b
+        deltas = challenger.score(metric, indices) - champion.score(metric, indices)
+        low, high = np.quantile(deltas, [tail, 1 - tail])
+        extreme = int(np.sum(deltas - observed >= observed - threshold))
+        out[metric] = Comparison(
+            metric=metric,
+            challenger=round(a, 4),
+            champion=round(b, 4),
+            diff=round(observed, 4),
+            ci_low=round(float(low), 4),
+            ci_high=round(float(high), 4),
+            confidence=confidence,
+            threshold=threshold,
+            p_value=round((1 + extreme) / (resamples + 1), 6),
+            resamples=resamples,
+        )
+    return out
+
+
+def holm(p_values: dict[str, float], alpha: float) -> dict[str, float]:
+    """Holm's step-down thresholds: the smallest p-value is held to alpha/m, the next to alpha/(m-1), ...;
+    a metric passes if its p-value and every smaller one are under their thresholds."""
+    order = sorted(p_values, key=lambda name: (p_values[name], name))
+    return {name: alpha / (len(order) - rank) for rank, name in enumerate(order)}

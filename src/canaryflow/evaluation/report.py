@@ -1,0 +1,193 @@
+"""The evaluation report a reviewer reads: Markdown (KFP's Markdown viewer, MLflow) and HTML (KFP's HTML
+viewer, with the plot inline), built from one list of sections so the two always say the same thing.
+
+It holds the metric table with the paired bootstrap's differences and confidence intervals, the gate's
+reasons, a plot of per-example score differences, and the examples the challenger won and lost most.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+
+EXAMPLES = 3  # best and worst examples shown
+
+
+@dataclass
+class Example:
+    input: str
+    challenger: str
+    champion: str | None
+    reference: str
+    diff: float  # sentence chrF, challenger minus champion (or the challenger's own without a champion)
+
+
+@dataclass
+class Report:
+    result: dict
+    per_example: list[float] = field(default_factory=list)
+    best: list[Example] = field(default_factory=list)
+    worst: list[Example] = field(default_factory=list)
+
+
+def sentence_chrf(predictions: list[str], references: list[list[str]]) -> list[float]:
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    return [chrf.sentence_score(p, refs).score for p, refs in zip(predictions, references)]
+
+
+def build(result: dict, inputs: list[str], references: list[list[str]], predictions: dict[str, list[str]]) -> Report:
+    """Per-example sentence chrF differences, and the examples at both ends of them."""
+    mine = sentence_chrf(predictions["challenger"], references)
+    theirs = sentence_chrf(predictions["champion"], references) if "champion" in predictions else None
+    diffs = [a - b for a, b in zip(mine, theirs)] if theirs else mine
+    order = sorted(range(len(diffs)), key=lambda i: diffs[i])
+
+    def example(i: int) -> Example:
+        champion = predictions["champion"][i] if theirs else None
+        return Example(inputs[i], predictions["challenger"][i], champion, references[i][0], round(diffs[i], 2))
+
+    return Report(
+        result,
+        diffs,
+        best=[example(i) for i in reversed(order[-EXAMPLES:])],
+        worst=[example(i) for i in order[:EXAMPLES]],
+    )
+
+
+def plot(report: Report):
+    """Every test example's sentence-chrF difference, sorted: the share of wins and losses at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=(7, 3))
+    values = sorted(report.per_example)
+    compared = report.result["metrics"]["champion"] is not None
+    colours = ["tab:green" if v > 0 else "tab:red" if v < 0 else "tab:gray" for v in values] if compared else None
+    ax.bar(range(len(values)), values, width=1.0, color=colours or "tab:blue")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("test examples, sorted")
+    if compared:
+        wins, losses = sum(v > 0 for v in values), sum(v < 0 for v in values)
+        ax.set_ylabel("chrF: challenger - champion")
+        ax.set_title(f"per-example differences: {wins} better, {losses} worse, {len(values) - wins - losses} tied")
+    else:
+        ax.set_ylabel("challenger sentence chrF")
+        ax.set_title("per-example scores (no champion to compare with)")
+    ax.figure.tight_layout()
+    return ax
+
+
+def _metric_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    challenger, champion = result["metrics"]["challenger"], result["metrics"]["champion"]
+    comparisons = result.get("comparisons") or {}
+    header = ["metric", "challenger", "champion", "difference", "confidence interval", "p-value"]
+    rows = []
+    for name, value in challenger.items():
+        c = comparisons.get(name)
+        rows.append(
+            [
+                name,
+                f"{value:.2f}",
+                f"{champion[name]:.2f}" if champion and name in champion else "-",
+                f"{c['diff']:+.2f}" if c else "-",
+                f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] ({c['confidence']:.0%})" if c else "-",
+                f"{c['p_value']:.4f} (H0: diff <= {c['threshold']:+.2f})" if c else "-",
+            ]
+        )
+    return header, rows
+
+
+def _example_rows(examples: list[Example], compared: bool) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "input",
+        "challenger",
+        *(["champion"] if compared else []),
+        "reference",
+        "chrF diff" if compared else "chrF",
+    ]
+    rows = [
+        [e.input, e.challenger, *([e.champion or ""] if compared else []), e.reference, f"{e.diff:+.1f}"]
+        for e in examples
+    ]
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]]] | list[str]]]:
+    result = report.result
+    compared = result["metrics"]["champion"] is not None
+    gate = result["gate"]
+    latency = result.get("latency_ms", {}).get("challenger") or {}
+    summary = [
+        f"Gate: {'PASSED' if gate['passed'] else 'FAILED'} on {result['test_inputs']} test inputs"
+        + (f", against champion version {result['champion_version']}." if compared else ", with no champion yet."),
+    ]
+    if latency:
+        summary.append(f"Challenger latency per example: p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms.")
+    return [
+        ("Summary", summary),
+        ("Metrics", _metric_rows(result)),
+        ("Gate reasons", list(gate["reasons"])),
+        ("Examples the challenger did best on" if compared else "Best examples", _example_rows(report.best, compared)),
+        (
+            "Examples the challenger did worst on" if compared else "Worst examples",
+            _example_rows(report.worst, compared),
+        ),
+    ]
+
+
+def markdown(report: Report, plot_file: str | None = None) -> str:
+    lines = ["# Evaluation", ""]
+    for title, content in _sections(report):
+        lines += [f"## {title}", ""]
+        lines += _md_table(*content) if isinstance(content, tuple) else [f"- {item}" for item in content]
+        lines.append("")
+        if title == "Gate reasons" and plot_file:
+            lines += ["## Per-example differences", "", f"![per-example differences]({plot_file})", ""]
+    return "\n".join(lines)
+
+
+def to_html(report: Report) -> str:
+    buffer = io.BytesIO()
+    plot(report).figure.savefig(buffer, format="png", dpi=100)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Evaluation</title>", _STYLE, "</head><body>"]
+    parts.append("<h1>Evaluation</h1>")
+    for title, content in _sections(report):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if isinstance(content, tuple):
+            parts.append(_html_table(*content))
+        else:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in content) + "</ul>")
+        if title == "Gate reasons":
+            parts.append(
+                "<h2>Per-example differences</h2>"
+                f"<img alt='per-example differences' src='data:image/png;base64,{image}'>"
+            )
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+_STYLE = (
+    "<style>body{font-family:sans-serif;max-width:70em;margin:1em auto}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:0.2em 0.5em;text-align:left}</style>"
+)

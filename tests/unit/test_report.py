@@ -1,0 +1,60 @@
+"""The evaluation report: the same sections in Markdown and HTML, the plot, and the examples at both ends."""
+
+from canaryflow.evaluation import report
+
+INPUTS = [f"input {i}" for i in range(6)]
+REFS = [[f"the answer is {i}"] for i in range(6)]
+PREDICTIONS = {
+    "challenger": [f"the answer is {i}" for i in range(5)] + ["nothing"],
+    "champion": ["the answer is 0", "wrong", "wrong", "the answer is 3", "the answer is 4", "the answer is 5"],
+}
+RESULT = {
+    "metrics": {"challenger": {"bleu": 80.0, "chrf": 85.0}, "champion": {"bleu": 60.0, "chrf": 70.0}},
+    "comparisons": {
+        "bleu": {"diff": 20.0, "ci_low": 5.0, "ci_high": 30.0, "confidence": 0.95, "threshold": -1.0, "p_value": 0.002}
+    },
+    "latency_ms": {"challenger": {"p50": 12.0, "p95": 30.0}},
+    "champion_version": "4",
+    "test_inputs": 6,
+    "gate": {"passed": True, "reasons": ["ok bleu vs champion: because"]},
+}
+
+
+def test_best_and_worst_examples_come_from_per_example_differences():
+    built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
+    assert len(built.per_example) == 6
+    assert {e.input for e in built.best[:2]} == {"input 1", "input 2"}  # the champion got these wrong
+    assert built.worst[0].input == "input 5" and built.worst[0].diff < 0  # the challenger lost this one
+    assert built.worst[0].champion == "the answer is 5"
+
+
+def test_markdown_and_html_say_the_same_things():
+    built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
+    md = report.markdown(built, "plot.png")
+    html = report.to_html(built)
+    for text in (
+        "Gate: PASSED on 6 test inputs, against champion version 4.",
+        "[+5.00, +30.00] (95%)",
+        "0.0020 (H0: diff &lt;= -1.00)",
+        "ok bleu vs champion: because",
+        "p50 12 ms, p95 30 ms",
+    ):
+        assert text in html, text
+        assert text.replace("&lt;", "<") in md, text
+    assert "![per-example differences](plot.png)" in md
+    assert html.count("data:image/png;base64,") == 1
+    assert md.count("| input 5 |") == 1 and "| input 5 | nothing | the answer is 5 |" in md
+
+
+def test_the_plot_counts_wins_and_losses():
+    ax = report.plot(report.build(RESULT, INPUTS, REFS, PREDICTIONS))
+    assert len(ax.patches) == 6
+    assert ax.get_title() == "per-example differences: 2 better, 1 worse, 3 tied"
+
+
+def test_without_a_champion_the_report_shows_the_challenger_alone():
+    alone = dict(RESULT, metrics={"challenger": {"bleu": 80.0}, "champion": None}, comparisons=None)
+    built = report.build(alone, INPUTS, REFS, {"challenger": PREDICTIONS["challenger"]})
+    md = report.markdown(built)
+    assert "with no champion yet" in md and "| bleu | 80.00 | - | - | - | - |" in md
+    assert report.plot(built).get_title() == "per-example scores (no champion to compare with)"
