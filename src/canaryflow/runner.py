@@ -159,10 +159,18 @@ def preflight(cfg: Config) -> None:
         patterns = getattr(cfg.data, split)
         if patterns:
             resolve_files(patterns, split)
-    if cfg.model.task != "seq2seq":
+    from canaryflow.evaluation.bootstrap import CLASSIFICATION_METRICS
+
+    classify = cfg.model.task == "classification"
+    if classify and cfg.uses_demo_data:
+        raise BadInputError("model.task classification needs your data (data.train): the demo task is seq2seq")
+    gated = sorted({*cfg.gate.floors, *cfg.gate.thresholds()})
+    wrong = [m for m in gated if (m in CLASSIFICATION_METRICS) != classify]
+    if wrong:
+        fits = "accuracy or macro_f1" if classify else "bleu, chrf, rouge*, token_f1 or exact_match"
         raise BadInputError(
-            f"model.task {cfg.model.task!r}: fine_tune trains it, but the pipeline's evaluation and canary "
-            "support seq2seq only so far"
+            f"gate names {wrong[0]!r}, which a {cfg.model.task} model is not scored on; gate {fits} "
+            "(configs/classification.yaml shows a classifier's gate)"
         )
 
 

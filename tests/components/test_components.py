@@ -105,6 +105,11 @@ def test_evaluate_model_returns_the_gate_and_a_report(chain):
     evaluation = json.loads((chain["tmp"] / "evaluation" / "evaluation.json").read_text())
     assert evaluation["metrics"]["champion"] is None  # nothing served yet
     assert evaluation["comparisons"] is None and evaluation["latency_ms"]["challenger"]["p95"] > 0
+    from canaryflow.registry.tracking import find_run
+
+    run = find_run(chain["cfg"], "job-1")
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/report.html", "evaluation/per_example_differences.png"} <= logged
 
 
 def test_register_and_canary_promote_the_first_model_after_a_smoke_check(chain):

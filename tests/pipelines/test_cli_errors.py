@@ -13,7 +13,11 @@ from tests.conftest import run_cli
         (["run", "--config", "/nonexistent.yaml"], "error: config file not found: /nonexistent.yaml"),
         (["run", "--set", "data.train=/nonexistent/train.jsonl"], "error: data.train: file not found"),
         (["run", "--set", "data.train=/tmp/*.nothing-matches"], "error: data.train: no file matches"),
-        (["run", "--set", "model.task=classification"], "error: model.task 'classification': fine_tune trains it"),
+        (["run", "--set", "model.task=classification"], "error: model.task classification needs your data"),
+        (
+            ["run", "--set", "model.task=classification", "--set", "data.train=/etc/hostname"],
+            "error: gate names 'bleu', which a classification model is not scored on",
+        ),
         (["run", "--bogus-flag"], "error: No such option: --bogus-flag"),
     ],
 )

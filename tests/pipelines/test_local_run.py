@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,29 @@ def test_summary_renders_for_a_person(lifecycle_run):
     for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "10%", "vs champion v1"):
         assert expected in text, expected
     assert f"{summary['data']['test_inputs']} inputs" in text
+
+
+def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
+    from tests.unit.test_training import _reviews
+
+    files = {}
+    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
+    args = ["run", "--json", "--config", "configs/classification.yaml", "--workdir", str(tmp_path / "wd")]
+    for split, path in files.items():
+        args += ["--set", f"data.{split}={path}"]
+    args += ["--set", "train.max_steps=80", "--set", "canary.smoke_requests=16"]
+    first = run_cli(*args, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout)
+    assert summary["metrics"]["challenger"]["macro_f1"] >= 90 and summary["gate"]["passed"] is True
+    assert summary["canary"]["verdict"] == "promoted"  # served by the model server, scored on labels
+    # A second run is judged against the classifier now serving, on macro-F1 and accuracy.
+    second = run_cli(*args, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = json.loads(second.stdout)
+    assert again["version"] == "2" and summary["registry"]["aliases"]["champion"] == "1"
+    assert any(r.startswith(("ok macro_f1 vs champion", "FAIL macro_f1 vs champion")) for r in again["gate"]["reasons"])
+    _, versions = _registry(tmp_path / "wd")
+    assert "gate.macro_f1.p_value" in versions["2"].tags

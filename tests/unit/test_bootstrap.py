@@ -66,3 +66,19 @@ def test_false_passes_stay_near_alpha_for_a_system_exactly_at_the_margin():
 def test_holm_thresholds_step_down_from_the_smallest_p_value():
     assert holm({"a": 0.03, "b": 0.001, "c": 0.01}, 0.05) == pytest.approx({"b": 0.05 / 3, "c": 0.05 / 2, "a": 0.05})
     assert np.isclose(holm({"x": 0.2}, 0.025)["x"], 0.025)
+
+
+def test_classification_metrics_resample_from_labels():
+    from canaryflow.evaluation.scoring import score_labels
+
+    truth = [["pos"], ["neg"], ["pos"], ["neu"], ["neg"], ["pos"]] * 10
+    good = ["pos", "neg", "pos", "neu", "pos", "pos"] * 10
+    poor = ["pos", "pos", "pos", "pos", "neg", "neg"] * 10
+    a, b = ItemScores(good, truth, "classification"), ItemScores(poor, truth, "classification")
+    expected = score_labels(good, truth)
+    assert a.full("macro_f1", len(truth)) == pytest.approx(expected["macro_f1"], abs=1e-3)
+    assert a.full("accuracy", len(truth)) == pytest.approx(expected["accuracy"], abs=1e-3)
+    result = paired_bootstrap(a, b, len(truth), {"macro_f1": -1.0, "accuracy": 0.0}, resamples=300)
+    assert result["macro_f1"].diff > 20 and result["macro_f1"].p_value < 0.01
+    with pytest.raises(KeyError, match="'bleu' is not a metric of this task"):
+        a.full("bleu", len(truth))

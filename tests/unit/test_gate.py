@@ -36,6 +36,13 @@ def _c(metric: str, diff: float, p: float, threshold: float = -1.0, low: float =
             ["bleu floor", "bleu vs champion"],
         ),
         ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001)}, False, ["chrf vs champion"]),  # chrf was not compared
+        # Better on average, but the interval reaches below the margin: not shown non-inferior.
+        (
+            {"bleu": 30.0},
+            {"bleu": _c("bleu", 0.5, 0.08, low=-2.0, high=3.0), "chrf": _c("chrf", 1.0, 0.001)},
+            False,
+            ["bleu vs champion"],
+        ),
     ],
 )
 def test_gate_table(challenger, comparisons, passed, failing):

@@ -1,5 +1,8 @@
 """The shipped metric modules load offline by absolute path and agree with the reference libraries."""
 
+import subprocess
+import sys
+
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -52,3 +55,27 @@ def test_score_reports_every_metric_on_a_0_to_100_scale():
     assert all(0 <= v <= 100 for v in metrics.values())
     perfect = score(["the cat sat on the mat today"], [["the cat sat on the mat today"]])
     assert perfect["bleu"] == pytest.approx(100) and perfect["exact_match"] == 100
+
+
+def test_bleu_and_chrf_equal_the_sacrebleu_command_line_on_the_same_files(tmp_path):
+    predictions = ["the cat sat on the mat", "a dog barked at night", "it rained all day long", "hello there"]
+    references = [
+        ["the cat sat on a mat", "a cat was on the mat"],
+        ["the dog barked at night", "a dog was barking at night"],
+        ["it rained the whole day", "rain fell all day"],
+        ["hello there", "hi there"],
+    ]
+    (tmp_path / "hyp.txt").write_text("\n".join(predictions) + "\n")
+    refs = []
+    for k in range(2):
+        refs.append(str(tmp_path / f"ref{k}.txt"))
+        (tmp_path / f"ref{k}.txt").write_text("\n".join(r[k] for r in references) + "\n")
+    ours = score(predictions, references)
+    for metric in ("bleu", "chrf"):
+        done = subprocess.run(
+            [sys.executable, "-m", "sacrebleu", *refs, "-i", str(tmp_path / "hyp.txt"), "-m", metric, "-b", "-w", "4"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert round(ours[metric], 2) == round(float(done.stdout.strip()), 2), metric

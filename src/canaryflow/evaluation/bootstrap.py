@@ -21,7 +21,8 @@ from canaryflow.errors import BadInputError
 
 CORPUS_METRICS = ("bleu", "chrf")
 MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "token_f1", "exact_match")
-GATEABLE = CORPUS_METRICS + MEAN_METRICS
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+GATEABLE = CORPUS_METRICS + MEAN_METRICS + CLASSIFICATION_METRICS
 _CHUNK = 100  # resamples summed at once: bounds memory at _CHUNK x items x statistics
 
 
@@ -54,12 +55,30 @@ def _streams(references: list[list[str]]) -> list[list[str | None]]:
     return reference_streams(references)
 
 
+def macro_f1(predicted: np.ndarray, true: np.ndarray, classes: int) -> float:
+    """Macro-F1 over the classes that occur in either array, in percent (as the classification module)."""
+    hits = np.bincount(true[predicted == true], minlength=classes)
+    occurs = np.bincount(predicted, minlength=classes) + np.bincount(true, minlength=classes)
+    present = occurs > 0
+    return float(100 * np.mean(2 * hits[present] / occurs[present]))
+
+
 class ItemScores:
     """One system's per-item material for every gateable metric, computed once and resampled cheaply."""
 
-    def __init__(self, predictions: list[str], references: list[list[str]]):
+    def __init__(self, predictions: list[str], references: list[list[str]], task: str = "seq2seq"):
         from canaryflow.evaluation.scoring import load_metric
 
+        self.labels: tuple[np.ndarray, np.ndarray, int] | None = None
+        if task == "classification":
+            # An input with several labels is scored against its first, as scoring.score_labels does.
+            names = sorted({*predictions, *(refs[0] for refs in references)})
+            ids = {name: i for i, name in enumerate(names)}
+            predicted = np.array([ids[p] for p in predictions])
+            true = np.array([ids[refs[0]] for refs in references])
+            self.labels, self.stats = (predicted, true, len(names)), {}
+            self.values = {"accuracy": 100.0 * (predicted == true)}
+            return
         streams = _streams(references)
         self.stats = {
             name: np.asarray(_sacrebleu_metric(name)._extract_corpus_statistics(predictions, streams), dtype=np.int64)
@@ -75,6 +94,11 @@ class ItemScores:
         """The metric on each resample (a row of item indices); one value per row."""
         if metric in self.values:
             return self.values[metric][indices].mean(axis=1)
+        if metric == "macro_f1" and self.labels is not None:
+            predicted, true, classes = self.labels
+            return np.array([macro_f1(predicted[row], true[row], classes) for row in indices])
+        if metric not in self.stats:
+            raise KeyError(f"{metric!r} is not a metric of this task")
         scorer = _sacrebleu_metric(metric)
         out = np.empty(len(indices))
         for start in range(0, len(indices), _CHUNK):

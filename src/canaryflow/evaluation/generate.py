@@ -1,7 +1,8 @@
-"""Batched generation from a saved seq2seq model directory.
+"""Batched prediction from a saved model directory: generated text (seq2seq) or a label (classifier).
 
-Shared by evaluation, the MLflow pyfunc wrapper and the model server, so all three produce the same text
-for the same input.
+Shared by evaluation, the MLflow pyfunc wrapper and the model server, so all three produce the same output
+for the same input. Both predictors answer `generate` / `generate_timed` with one string per input, so
+everything downstream (scoring, serving, the canary) takes either.
 """
 
 from __future__ import annotations
@@ -58,3 +59,63 @@ class Seq2SeqGenerator:
                 outputs[i] = text.strip()
                 latencies[i] = elapsed_ms
         return outputs, latencies
+
+
+class SequenceClassifier:
+    """A saved sequence classifier that answers with label names, in length-sorted batches."""
+
+    def __init__(self, model_dir: str | Path, max_source_length: int = 128, num_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
+        self.model.to(self.device).eval()
+        self.max_source_length = max_source_length
+
+    def generate(self, inputs: list[str], batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 64):
+        return self.generate_timed(inputs, batch_size)[0]
+
+    def generate_timed(
+        self, inputs: list[str], batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 64
+    ) -> tuple[list[str], list[float]]:
+        """Label names in input order, and each input's latency in ms (its batch's time). Beams and new
+        tokens do not apply to a classifier; they are accepted so callers need not know which they hold."""
+        import time
+
+        import torch
+
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        labels: list[str] = [""] * len(inputs)
+        latencies: list[float] = [0.0] * len(inputs)
+        names = self.model.config.id2label
+        for start in range(0, len(order), batch_size):
+            started = time.perf_counter()
+            idx = order[start : start + batch_size]
+            enc = self.tokenizer(
+                [inputs[i] for i in idx],
+                max_length=self.max_source_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                logits = self.model(**enc).logits
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            for i, label_id in zip(idx, logits.argmax(dim=-1).tolist()):
+                labels[i] = names[label_id]
+                latencies[i] = elapsed_ms
+        return labels, latencies
+
+
+def load_predictor(model_dir: str | Path, max_source_length: int = 128, num_threads: int | None = None):
+    """The predictor a saved directory calls for: a classifier if its config says so, else a generator."""
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(str(model_dir)).architectures or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return SequenceClassifier(model_dir, max_source_length, num_threads)
+    return Seq2SeqGenerator(model_dir, max_source_length, num_threads)

@@ -28,6 +28,7 @@ class Example:
 class Report:
     result: dict
     per_example: list[float] = field(default_factory=list)
+    unit: str = "chrF"  # what per_example measures
     best: list[Example] = field(default_factory=list)
     worst: list[Example] = field(default_factory=list)
 
@@ -39,10 +40,22 @@ def sentence_chrf(predictions: list[str], references: list[list[str]]) -> list[f
     return [chrf.sentence_score(p, refs).score for p, refs in zip(predictions, references)]
 
 
-def build(result: dict, inputs: list[str], references: list[list[str]], predictions: dict[str, list[str]]) -> Report:
-    """Per-example sentence chrF differences, and the examples at both ends of them."""
-    mine = sentence_chrf(predictions["challenger"], references)
-    theirs = sentence_chrf(predictions["champion"], references) if "champion" in predictions else None
+def correctness(predictions: list[str], references: list[list[str]]) -> list[float]:
+    return [100.0 * (p == refs[0]) for p, refs in zip(predictions, references)]
+
+
+def build(
+    result: dict,
+    inputs: list[str],
+    references: list[list[str]],
+    predictions: dict[str, list[str]],
+    task: str = "seq2seq",
+) -> Report:
+    """Per-example score differences (sentence chrF; for a classifier, right minus wrong), and the
+    examples at both ends of them."""
+    per_item = correctness if task == "classification" else sentence_chrf
+    mine = per_item(predictions["challenger"], references)
+    theirs = per_item(predictions["champion"], references) if "champion" in predictions else None
     diffs = [a - b for a, b in zip(mine, theirs)] if theirs else mine
     order = sorted(range(len(diffs)), key=lambda i: diffs[i])
 
@@ -53,6 +66,7 @@ def build(result: dict, inputs: list[str], references: list[list[str]], predicti
     return Report(
         result,
         diffs,
+        "correct" if task == "classification" else "chrF",
         best=[example(i) for i in reversed(order[-EXAMPLES:])],
         worst=[example(i) for i in order[:EXAMPLES]],
     )
@@ -74,10 +88,10 @@ def plot(report: Report):
     ax.set_xlabel("test examples, sorted")
     if compared:
         wins, losses = sum(v > 0 for v in values), sum(v < 0 for v in values)
-        ax.set_ylabel("chrF: challenger - champion")
+        ax.set_ylabel(f"{report.unit}: challenger - champion")
         ax.set_title(f"per-example differences: {wins} better, {losses} worse, {len(values) - wins - losses} tied")
     else:
-        ax.set_ylabel("challenger sentence chrF")
+        ax.set_ylabel(f"challenger {report.unit}")
         ax.set_title("per-example scores (no champion to compare with)")
     ax.figure.tight_layout()
     return ax
@@ -103,13 +117,13 @@ def _metric_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _example_rows(examples: list[Example], compared: bool) -> tuple[list[str], list[list[str]]]:
+def _example_rows(examples: list[Example], compared: bool, unit: str) -> tuple[list[str], list[list[str]]]:
     header = [
         "input",
         "challenger",
         *(["champion"] if compared else []),
         "reference",
-        "chrF diff" if compared else "chrF",
+        f"{unit} diff" if compared else unit,
     ]
     rows = [
         [e.input, e.challenger, *([e.champion or ""] if compared else []), e.reference, f"{e.diff:+.1f}"]
@@ -147,10 +161,13 @@ def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]
         ("Summary", summary),
         ("Metrics", _metric_rows(result)),
         ("Gate reasons", list(gate["reasons"])),
-        ("Examples the challenger did best on" if compared else "Best examples", _example_rows(report.best, compared)),
+        (
+            "Examples the challenger did best on" if compared else "Best examples",
+            _example_rows(report.best, compared, report.unit),
+        ),
         (
             "Examples the challenger did worst on" if compared else "Worst examples",
-            _example_rows(report.worst, compared),
+            _example_rows(report.worst, compared, report.unit),
         ),
     ]
 

@@ -13,7 +13,7 @@ from canaryflow.data.prepare import read_pairs
 from canaryflow.evaluation import report
 from canaryflow.evaluation.bootstrap import Comparison, ItemScores, paired_bootstrap
 from canaryflow.evaluation.gate import decide
-from canaryflow.evaluation.generate import Seq2SeqGenerator
+from canaryflow.evaluation.generate import load_predictor
 from canaryflow.stats import percentile
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -42,7 +42,17 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
     return {name: round(float(value), 4) for name, value in results.items()}
 
 
-def run_system(generator: Seq2SeqGenerator, inputs: list[str], references: list[list[str]], cfg: Config):
+def score_labels(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Accuracy and macro-F1 (percent) of predicted label names; an input with several labels counts its first."""
+    names = sorted({*predictions, *(refs[0] for refs in references)})
+    ids = {name: i for i, name in enumerate(names)}
+    scores = load_metric("classification").compute(
+        predictions=[ids[p] for p in predictions], references=[ids[refs[0]] for refs in references]
+    )
+    return {name: round(100 * float(value), 4) for name, value in scores.items()}
+
+
+def run_system(generator, inputs: list[str], references: list[list[str]], cfg: Config):
     started = time.perf_counter()
     predictions, latencies = generator.generate_timed(
         inputs,
@@ -51,7 +61,9 @@ def run_system(generator: Seq2SeqGenerator, inputs: list[str], references: list[
         max_new_tokens=cfg.eval.max_new_tokens,
     )
     seconds = time.perf_counter() - started
-    metrics = score(predictions, references)
+    metrics = (
+        score_labels(predictions, references) if cfg.model.task == "classification" else score(predictions, references)
+    )
     metrics["examples_per_second"] = round(len(inputs) / seconds, 2)
     latency = {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)}
     return predictions, metrics, latency
@@ -60,8 +72,8 @@ def run_system(generator: Seq2SeqGenerator, inputs: list[str], references: list[
 def compare(cfg: Config, references: list[list[str]], predictions: dict[str, list[str]]) -> dict[str, Comparison]:
     """The paired bootstrap of every metric the gate compares, challenger against champion."""
     return paired_bootstrap(
-        ItemScores(predictions["challenger"], references),
-        ItemScores(predictions["champion"], references),
+        ItemScores(predictions["challenger"], references, cfg.model.task),
+        ItemScores(predictions["champion"], references, cfg.model.task),
         len(references),
         cfg.gate.thresholds(),
         resamples=cfg.gate.resamples,
@@ -74,7 +86,7 @@ def evaluate_models(
     cfg: Config,
     data_dir: str | Path,
     challenger_dir: str | Path,
-    champion: tuple[str, Seq2SeqGenerator] | None,
+    champion: tuple[str, object] | None,
     out_dir: str | Path,
 ) -> dict:
     """Score both systems on the test split, compare them by paired bootstrap, judge them with the gate;
@@ -82,7 +94,7 @@ def evaluate_models(
     test = read_pairs(data_dir, "test")
     inputs = list(test["input"])
     references = [list(refs) for refs in test["references"]]
-    systems = [("challenger", Seq2SeqGenerator(challenger_dir, cfg.data.max_source_length))]
+    systems = [("challenger", load_predictor(challenger_dir, cfg.data.max_source_length))]
     if champion is not None:
         systems.append(("champion", champion[1]))
     predictions: dict[str, list[str]] = {}
@@ -106,7 +118,7 @@ def evaluate_models(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    built = report.build(result, inputs, references, predictions)
+    built = report.build(result, inputs, references, predictions, cfg.model.task)
     report.plot(built).figure.savefig(out / PLOT_FILE, dpi=100)
     (out / "report.md").write_text(report.markdown(built, PLOT_FILE), encoding="utf-8")
     (out / "report.html").write_text(report.to_html(built), encoding="utf-8")

@@ -12,10 +12,10 @@ import mlflow.pyfunc
 
 class Seq2SeqModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from canaryflow.evaluation.generate import Seq2SeqGenerator
+        from canaryflow.evaluation.generate import load_predictor
 
         config = context.model_config or {}
-        self.generator = Seq2SeqGenerator(
+        self.generator = load_predictor(
             context.artifacts["model_dir"],
             max_source_length=int(config.get("max_source_length", 128)),
             num_threads=config.get("num_threads"),

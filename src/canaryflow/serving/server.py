@@ -22,9 +22,9 @@ MAX_INPUT_CHARS = 4096
 
 def load_generator(model_uri: str, num_threads: int):
     if Path(model_uri).is_dir():
-        from canaryflow.evaluation.generate import Seq2SeqGenerator
+        from canaryflow.evaluation.generate import load_predictor
 
-        return Seq2SeqGenerator(model_uri, num_threads=num_threads)
+        return load_predictor(model_uri, num_threads=num_threads)
     import mlflow.pyfunc
     import torch
 
