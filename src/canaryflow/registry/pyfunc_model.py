@@ -1,4 +1,5 @@
-"""The MLflow pyfunc wrapper around a saved seq2seq model directory.
+"""The MLflow pyfunc wrapper around a saved model directory: a seq2seq generator or a classifier (the
+saved config says which; both answer one string per input).
 
 transformers' own MLflow flavor cannot log T5 on transformers 5 (its text2text-generation task is gone),
 so models are logged as a PythonModel that loads the saved directory. It is logged as "models from
