@@ -30,6 +30,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="The data stage on its own.")
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(
+    no_args_is_help=True, help="What the MLflow registry holds: versions, verdicts, aliases, the ledger."
+)
+app.add_typer(registry_app, name="registry")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (default: the demo task).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: KEY=VALUE, repeatable.")]
@@ -297,6 +301,107 @@ def data_check(
     plot_input_lengths(card).figure.savefig(plot, dpi=100)
     console.print(Markdown(render_markdown(card)))
     console.print(f"Prepared splits in {workdir / 'data-check'}; input lengths plotted in {plot}")
+
+
+def _registry_config(config: Path | None, set_: list[str] | None, workdir: Path, tracking_uri: str | None):
+    """The config pointed at an existing registry, with MLflow pointed there too (a bare MlflowClient
+    would otherwise read, or create, a store in the current directory); reading must never create one."""
+    from canaryflow.errors import BadInputError
+    from canaryflow.registry.tracking import configure
+    from canaryflow.runner import with_workdir
+
+    cfg = _load(config, set_, tracking_uri)
+    workdir = workdir.resolve()
+    if not cfg.mlflow.tracking_uri and not (workdir / "mlflow.db").is_file():
+        raise BadInputError(f"no registry in {workdir}: run `canaryflow run` there first, or give --tracking-uri")
+    cfg = with_workdir(cfg, workdir)
+    configure(cfg)
+    return cfg
+
+
+def _print_rows(rows: list[dict], title: str, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(rows))
+        return
+    table = Table(title=title)
+    for key in rows[0] if rows else ["(empty)"]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()))
+    _console().print(table)
+
+
+@registry_app.command("list")
+def registry_list(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Every registered version: alias, gate and canary verdicts, why, metrics."""
+    from canaryflow.registry.review import version_rows
+
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    _print_rows(version_rows(cfg), f"registry: {cfg.registry.model_name}", json_out)
+
+
+@registry_app.command("show")
+def registry_show(
+    version: Annotated[int, typer.Argument(help="The version number.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """One version: its lineage, verdicts with their statistics, and metrics (all its tags)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from canaryflow.errors import BadInputError
+
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    try:
+        mv = MlflowClient().get_model_version(cfg.registry.model_name, str(version))
+    except MlflowException:
+        raise BadInputError(f"{cfg.registry.model_name} has no version {version}") from None
+    _print_rows([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())], f"version {version}", json_out)
+
+
+@registry_app.command("history")
+def registry_history(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """The ledger: every alias move, who made it, when, from which version to which, and why."""
+    from canaryflow.registry.ledger import history
+
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    _print_rows(history(cfg), "alias moves, oldest first", json_out)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="Why: recorded in the ledger.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Put the previous champion back in service (through the promotion lock, recorded in the ledger)."""
+    from canaryflow.registry.models import rollback as roll_back
+
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    result = roll_back(cfg, reason)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        _console().print(f"champion is now version {result['champion']} (previous: {result['previous-champion']})")
 
 
 @app.command()

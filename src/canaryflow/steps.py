@@ -137,6 +137,11 @@ def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir
     evaluation = json.loads((Path(evaluation_dir) / "evaluation.json").read_text(encoding="utf-8"))
     card = json.loads((Path(data_dir) / "data_card.json").read_text(encoding="utf-8"))
     lineage = {"data_hash": card["content_hash"], "config_hash": config_hash(cfg), "base_model": cfg.model.base}
+    trained = json.loads((Path(model_dir) / "train_metrics.json").read_text(encoding="utf-8"))
+    for key in ("steps", "final_loss", "val_loss", "precision", "val_macro_f1", "nonfinite_losses"):
+        if trained.get(key) is not None:
+            value = trained[key]
+            lineage[f"train.{key}"] = f"{value:.4f}" if isinstance(value, float) else str(value)
     version = models.register_candidate(cfg, run_key, model_dir, evaluation, lineage)
     with pipeline_run(cfg, run_key):
         mlflow.set_tag("registered_version", version)

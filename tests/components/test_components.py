@@ -114,6 +114,9 @@ def test_evaluate_model_returns_the_gate_and_a_report(chain):
 
 def test_register_and_canary_promote_the_first_model_after_a_smoke_check(chain):
     assert chain["version"] == "1"
+    tags = MlflowClient().get_model_version(chain["cfg"].registry.model_name, "1").tags
+    for key in ("train.steps", "train.final_loss", "train.val_loss", "data_hash", "config_hash", "base_model"):
+        assert key in tags, key
     assert chain["verdict"] == "promoted"
     canary = json.loads((chain["tmp"] / "canary" / "canary.json").read_text())
     assert canary["mode"] == "smoke" and canary["steps"][0]["challenger"]["requests"] >= 8

@@ -13,7 +13,7 @@ def test_registry_review_notebook_executes(lifecycle_run, monkeypatch):
     workdir, summary = lifecycle_run
     monkeypatch.setenv("CANARYFLOW_WORKDIR", str(workdir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    nb = nbformat.read(REPO / "notebooks" / "registry_review.ipynb", as_version=4)
+    nb = nbformat.read(REPO / "notebooks" / "01-registry-review.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -21,3 +21,4 @@ def test_registry_review_notebook_executes(lifecycle_run, monkeypatch):
     assert f"'champion': '{summary['registry']['aliases']['champion']}'" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered
     assert "passed" in text
+    assert "from_version" in text and "to_version" in text  # the ledger table

@@ -19,6 +19,8 @@ from tests.conftest import run_cli
             "error: gate names 'bleu', which a classification model is not scored on",
         ),
         (["run", "--bogus-flag"], "error: No such option: --bogus-flag"),
+        (["registry", "list"], "error: no registry in "),
+        (["rollback", "--reason", "bad canary"], "error: no registry in "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

@@ -164,3 +164,26 @@ def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
     assert any(r.startswith(("ok macro_f1 vs champion", "FAIL macro_f1 vs champion")) for r in again["gate"]["reasons"])
     _, versions = _registry(tmp_path / "wd")
     assert "gate.macro_f1.p_value" in versions["2"].tags
+
+
+def test_registry_commands_and_rollback_read_and_write_the_ledger(lifecycle_run):
+    # Last in this module: it moves the champion the tests above read.
+    workdir, summary = lifecycle_run
+    where = ["--workdir", str(workdir), "--json"]
+    listed = json.loads(run_cli("registry", "list", *where).stdout)
+    assert [row["version"] for row in listed][:2] == [1, 2] and listed[1]["gate"] == "passed"
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("registry", "show", "2", *where, cwd=elsewhere)
+    shown = {row["tag"]: row["value"] for row in json.loads(result.stdout)}
+    assert not list(elsewhere.iterdir())  # reading the registry wrote no store where the command ran
+    assert shown["gate.passed"] == "true" and "gate.bleu.p_value" in shown and "data_card" in shown
+    champion = summary["registry"]["aliases"]["champion"]
+    previous = summary["registry"]["aliases"]["previous-champion"]
+    result = run_cli("rollback", "--reason", "p99 page", *where)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"champion": previous, "challenger": None, "previous-champion": champion}
+    moves = json.loads(run_cli("registry", "history", *where).stdout)
+    champion_moves = [m for m in moves if m["alias"] == "champion"]
+    assert [m["to_version"] for m in champion_moves] == ["1", champion, previous]
+    assert champion_moves[-1]["reason"] == "p99 page" and champion_moves[0]["pipeline_run"] != "manual"

@@ -1,12 +1,15 @@
 """Registration, idempotency and alias moves against a real MLflow SQLite store."""
 
+import time
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from canaryflow.config import load_config
-from canaryflow.errors import BadInputError, CanaryflowError
-from canaryflow.registry import models
+from canaryflow.errors import BadInputError
+from canaryflow.registry import ledger, models
+from canaryflow.registry.ledger import PromotionConflict
 from canaryflow.registry.tracking import find_run, pipeline_run, sqlite_uri
 from tests.conftest import demo_config
 
@@ -35,6 +38,8 @@ def test_register_tags_lineage_and_sets_challenger(registry):
     assert mv.tags["metric.bleu"] == "31.5000"
     assert mv.tags["canaryflow.run_key"] == "run-a"
     assert mv.tags["data_card"] == f"runs:/{mv.run_id}/data/data_card.json"
+    assert mv.tags["canaryflow.idempotency_key"] == "run-a"
+    assert mv.description.startswith(f"# unit version {version}") and "Gate: passed." in mv.description
     assert len(mv.tags["git_commit"]) in (7, 40) or mv.tags["git_commit"] == "unknown"
     assert models.aliases(cfg)["challenger"] == version
     assert (models.model_uri(cfg, version)) == f"models:/unit/{version}"
@@ -45,6 +50,18 @@ def test_a_retried_step_registers_nothing_twice(registry, trained):
     again = models.register_candidate(cfg, "run-a", trained[0], _evaluation(True), {"data_hash": "abc"})
     assert again == version
     assert len(MlflowClient().search_model_versions("name='unit'")) == 1
+
+
+def test_a_version_is_found_by_its_idempotency_key_whichever_run_logged_it(tmp_path, trained):
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(tmp_path)}", "registry.model_name=idem"])
+    client = MlflowClient()
+    other = client.create_run(models.configure(cfg))
+    client.create_registered_model("idem")
+    by_hand = client.create_model_version(
+        "idem", f"runs:/{other.info.run_id}/model", other.info.run_id, tags={"canaryflow.idempotency_key": "run-z"}
+    )
+    assert models.register_candidate(cfg, "run-z", trained[0], _evaluation(False), {}) == str(by_hand.version)
+    assert len(client.search_model_versions("name='idem'")) == 1
 
 
 def test_failed_gate_is_registered_without_alias(registry, trained):
@@ -68,7 +85,7 @@ def test_promotion_is_compare_and_set_and_rollback_keeps_champion(registry, trai
     second = models.register_candidate(cfg, "run-c", trained[0], _evaluation(True), {"data_hash": "abc"})
     aliases = models.promote(cfg, first, None, "smoke ok")
     assert aliases["champion"] == first and aliases["previous-champion"] is None
-    with pytest.raises(CanaryflowError, match="champion moved"):
+    with pytest.raises(PromotionConflict, match="champion is version .*, not none as the decision saw"):
         models.promote(cfg, second, None, "stale decision")  # the decision saw no champion
     aliases = models.promote(cfg, second, first, "canary ok")
     assert aliases == {"champion": second, "challenger": None, "previous-champion": first}
@@ -119,3 +136,75 @@ def test_fine_tune_continues_from_a_registered_model(registry, trained, prepared
     assert metrics["first_loss"] < trained[1]["first_loss"] - 1.0
     with pytest.raises(BadInputError, match="model.base models:/unit@nobody"):
         models.download_model_dir(cfg, "models:/unit@nobody", tmp_path / "nothing")
+
+
+def test_rollback_returns_to_the_previous_champion_and_the_ledger_records_every_move(registry, trained):
+    cfg, _ = registry
+    before = models.aliases(cfg)
+    assert before["previous-champion"] is not None  # the promotion test above made two champions
+    after = models.rollback(cfg, "p99 latency page at 03:10")
+    assert after["champion"] == before["previous-champion"] and after["previous-champion"] == before["champion"]
+    moves = ledger.history(cfg, "champion")
+    assert [m["to_version"] for m in moves][-3:] == [before["previous-champion"], before["champion"], after["champion"]]
+    last = moves[-1]
+    assert last["reason"] == "p99 latency page at 03:10" and last["from_version"] == before["champion"]
+    assert "@" in last["who"] and last["pipeline_run"] == "manual"
+    from datetime import UTC, datetime
+
+    assert ledger.serving_at(cfg, datetime.now(UTC)) == after["champion"]
+    assert ledger.serving_at(cfg, datetime(2000, 1, 1, tzinfo=UTC)) is None
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from canaryflow.config import load_config
+from canaryflow.registry import models
+from canaryflow.registry.ledger import PromotionConflict
+cfg = load_config(overrides=[f"mlflow.tracking_uri={sys.argv[1]}", "registry.model_name=race"])
+models.alias_version(cfg, "champion")  # connect before the start line, so both start the race together
+Path(sys.argv[4]).touch()
+while not Path(sys.argv[5]).exists():
+    time.sleep(0.01)
+try:
+    models.promote(cfg, sys.argv[2], sys.argv[3], "racing")
+    print("won")
+except PromotionConflict as exc:
+    print("conflict:", exc)
+"""
+
+
+def test_two_processes_racing_to_promote_exactly_one_wins(tmp_path, trained):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    uri = sqlite_uri(tmp_path / "wd")
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={uri}", "registry.model_name=race"])
+    models.configure(cfg)
+    client = MlflowClient()
+    client.create_registered_model("race")
+    run = client.create_run(models.configure(cfg))
+    versions = [
+        client.create_model_version("race", f"runs:/{run.info.run_id}/m", run.info.run_id).version for _ in range(3)
+    ]
+    client.set_registered_model_alias("race", "champion", str(versions[0]))
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, uri, str(v), str(versions[0]), str(tmp_path / f"ready-{v}"), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions[1:]
+    ]
+    while not all((tmp_path / f"ready-{v}").exists() for v in versions[1:]):
+        time.sleep(0.05)
+    go.touch()
+    outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
+    assert sorted(o.split(":")[0] for o in outcomes) == ["conflict", "won"], outcomes
+    winner = str(versions[1:][outcomes.index("won")])
+    assert models.alias_version(cfg, "champion") == winner
+    assert "another promotion or rollback came first; nothing was moved" in next(o for o in outcomes if o != "won")
+    assert [m["to_version"] for m in ledger.history(cfg, "champion")] == [winner]  # one move, recorded once

@@ -10,12 +10,13 @@ from importlib import metadata
 from pathlib import Path
 
 from canaryflow.config import Config
-from canaryflow.errors import BadInputError, CanaryflowError
+from canaryflow.errors import BadInputError
 from canaryflow.registry.tracking import DATA_CARD, RUN_KEY_TAG, configure, load_artifact_dict, pipeline_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 DATA_CARD_TAG = "data_card"  # the artifact URI of the data card the version was trained on
+IDEMPOTENCY_TAG = "canaryflow.idempotency_key"  # one version per pipeline run, whatever retries happen
 PYFUNC_ENTRY = Path(__file__).resolve().parent / "pyfunc_entry.py"
 
 
@@ -60,11 +61,13 @@ def _requirements() -> list[str]:
 def register_candidate(
     cfg: Config, run_key: str, model_dir: str | Path, evaluation: dict, lineage: dict[str, str]
 ) -> str:
-    """Log the model as pyfunc, register it, tag it with lineage and the gate verdict; return its version.
+    """Log the model as pyfunc, register it, tag it with lineage and the gate verdict, describe it with a
+    model card; return its version.
 
     Every candidate is registered, passing or not, so reviewers can see what was rejected and why. Only a
-    passing candidate gets the `challenger` alias. A retried step finds the version its MLflow run already
-    registered instead of creating a second one.
+    passing candidate gets the `challenger` alias. Registering is idempotent per pipeline run: the version
+    is created with the run key as its idempotency key, so a KFP retry or a rerun after a crash finds it
+    (or, if it crashed between creating and tagging, finds it by the MLflow run that logged it).
     """
     import mlflow
 
@@ -72,7 +75,9 @@ def register_candidate(
     client = _client()
     name = cfg.registry.model_name
     with pipeline_run(cfg, run_key) as run:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
+        existing = client.search_model_versions(
+            f"name='{name}' and tags.`{IDEMPOTENCY_TAG}` = '{run_key}'"
+        ) or client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
         if existing:
             version = str(existing[0].version)
         else:
@@ -83,7 +88,7 @@ def register_candidate(
                 model_config={"max_source_length": cfg.data.max_source_length},
                 pip_requirements=_requirements(),
             )
-            version = str(mlflow.register_model(info.model_uri, name).version)
+            version = str(mlflow.register_model(info.model_uri, name, tags={IDEMPOTENCY_TAG: run_key}).version)
     gate = evaluation["gate"]
     tags = {
         RUN_KEY_TAG: run_key,
@@ -104,9 +109,30 @@ def register_candidate(
         tags[f"gate.{metric}.threshold"] = f"{c['threshold']:+.4f}"
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=model_card(cfg, version, tags, evaluation))
     if gate["passed"]:
         client.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def model_card(cfg: Config, version: str, tags: dict[str, str], evaluation: dict) -> str:
+    """The version's description in the registry: what it is, what it was trained on, how it scored, and
+    what the gate said, for a reviewer who opens the registry and nothing else."""
+    metrics = evaluation["metrics"]["challenger"] or {}
+    lines = [
+        f"# {cfg.registry.model_name} version {version}",
+        "",
+        f"- Task: {cfg.model.task}; base model: {cfg.model.base}.",
+        f"- Pipeline run: {tags.get(RUN_KEY_TAG, '')}; git commit {tags.get('git_commit', 'unknown')[:12]}.",
+        f"- Data hash: {tags.get('data_hash', '')[:16]}; config hash: {tags.get('config_hash', '')}.",
+    ]
+    train = {k.removeprefix("train."): v for k, v in tags.items() if k.startswith("train.")}
+    if train:
+        lines.append("- Training: " + ", ".join(f"{k} {v}" for k, v in sorted(train.items())) + ".")
+    lines += ["", "| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.2f} |" for k, v in metrics.items()]
+    gate = evaluation["gate"]
+    lines += ["", f"Gate: {'passed' if gate['passed'] else 'failed'}.", ""] + [f"- {r}" for r in gate["reasons"]]
+    return "\n".join(lines) + "\n"
 
 
 def champion_data_card(cfg: Config) -> tuple[str, dict] | None:
@@ -151,27 +177,37 @@ def model_uri(cfg: Config, version: str) -> str:
     return f"models:/{cfg.registry.model_name}/{version}"
 
 
-def promote(cfg: Config, version: str, expected_champion: str | None, reason: str) -> dict[str, str | None]:
-    """Make `version` the champion, if the champion is still the one the decision saw.
+def promote(
+    cfg: Config, version: str, expected_champion: str | None, reason: str, run_key: str = ""
+) -> dict[str, str | None]:
+    """Make `version` the champion, if the champion is still the one the decision saw (under the
+    promotion lock, recorded in the ledger: see ledger.move_aliases). The old champion becomes
+    previous-champion, the one `rollback` returns to."""
+    from canaryflow.registry.ledger import move_aliases
 
-    MLflow has no compare-and-set for aliases: this re-reads and refuses on a change. (The locked,
-    race-proof version of this belongs to the registry issue.)
-    """
-    client = _client()
-    name = cfg.registry.model_name
-    current = alias_version(cfg, CHAMPION)
-    if current != expected_champion:
-        raise CanaryflowError(
-            f"promotion of version {version} refused: champion moved from {expected_champion} to {current}"
-        )
-    if current is not None:
-        client.set_registered_model_alias(name, PREVIOUS, current)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    moves: dict[str, str | None] = {CHAMPION: version}
+    if expected_champion is not None:
+        moves[PREVIOUS] = expected_champion
     if alias_version(cfg, CHALLENGER) == version:
-        client.delete_registered_model_alias(name, CHALLENGER)
-    client.set_model_version_tag(name, version, "canary.verdict", "promoted")
-    client.set_model_version_tag(name, version, "canary.reason", reason)
-    return aliases(cfg)
+        moves[CHALLENGER] = None
+    result = move_aliases(cfg, moves, {CHAMPION: expected_champion}, f"promoted: {reason}", run_key)
+    client = _client()
+    client.set_model_version_tag(cfg.registry.model_name, version, "canary.verdict", "promoted")
+    client.set_model_version_tag(cfg.registry.model_name, version, "canary.reason", reason)
+    return result
+
+
+def rollback(cfg: Config, reason: str, run_key: str = "") -> dict[str, str | None]:
+    """The champion returns to the previous champion, through the same lock, recorded in the ledger. The
+    demoted version becomes previous-champion, so a mistaken rollback is undone by another."""
+    from canaryflow.registry.ledger import move_aliases
+
+    champion, previous = alias_version(cfg, CHAMPION), alias_version(cfg, PREVIOUS)
+    if previous is None:
+        raise BadInputError("nothing to roll back to: no version holds the previous-champion alias")
+    return move_aliases(
+        cfg, {CHAMPION: previous, PREVIOUS: champion}, {CHAMPION: champion, PREVIOUS: previous}, reason, run_key
+    )
 
 
 def reject(cfg: Config, version: str, reason: str) -> dict[str, str | None]:

@@ -160,7 +160,7 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
     result["champion_version"] = champion_version
     result["challenger_version"] = version
     if result["verdict"] == "promoted":
-        result["aliases"] = models.promote(cfg, version, champion_version, result["reason"])
+        result["aliases"] = models.promote(cfg, version, champion_version, result["reason"], run_key)
     else:
         result["aliases"] = models.reject(cfg, version, result["reason"])
     out.mkdir(parents=True, exist_ok=True)
