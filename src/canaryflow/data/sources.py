@@ -142,21 +142,30 @@ def _python_batch(values: list[tuple[object, object]], labels: bool = False) -> 
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
 
 
-def _first_record(path: Path, split: str) -> dict | None:
+def _json_records(path: Path, split: str, skip: int = 0) -> Iterator[dict]:
+    """The objects of a JSON-lines file, one per non-blank line, parsed by Python, which names the line
+    and column of a syntax error. The first `skip` records are counted, not parsed."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as exc:
-                    require_utf8(path, split)  # garbage bytes deserve that name rather than a JSON error
-                    raise BadInputError(
-                        f"data.{split}: cannot read {path.name}: line {number}, column {exc.colno}: {exc.msg}"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise BadInputError(f"data.{split}: cannot read {path.name}: line {number} is not a JSON object")
-                return record
-    return None
+            if not line.strip(" \t\r\n"):
+                continue
+            if skip:
+                skip -= 1
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                require_utf8(path, split)  # garbage bytes deserve that name rather than a JSON error
+                raise BadInputError(
+                    f"data.{split}: cannot read {path.name}: line {number}, column {exc.colno}: {exc.msg}"
+                ) from None
+            if not isinstance(record, dict):
+                raise BadInputError(f"data.{split}: cannot read {path.name}: line {number} is not a JSON object")
+            yield record
+
+
+def _first_record(path: Path, split: str) -> dict | None:
+    return next(_json_records(path, split), None)
 
 
 def _json_array(path: Path, split: str, cfg: Config) -> Iterator[pa.RecordBatch]:
@@ -183,25 +192,11 @@ def _json_lines_slowly(path: Path, split: str, cfg: Config, skip: int) -> Iterat
     `skip` records were already read by Arrow, so they are only counted here."""
     keys = (cfg.data.input_column, cfg.data.target_column)
     rows: list[tuple[object, object]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip(" \t\r\n"):
-                continue
-            if skip:
-                skip -= 1
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                raise BadInputError(
-                    f"data.{split}: cannot read {path.name}: line {number}, column {exc.colno}: {exc.msg}"
-                ) from None
-            if not isinstance(record, dict):
-                raise BadInputError(f"data.{split}: cannot read {path.name}: line {number} is not a JSON object")
-            rows.append((record.get(keys[0]), record.get(keys[1])))
-            if len(rows) == _PY_BATCH_ROWS:
-                yield _python_batch(rows, _labels(cfg))
-                rows = []
+    for record in _json_records(path, split, skip):
+        rows.append((record.get(keys[0]), record.get(keys[1])))
+        if len(rows) == _PY_BATCH_ROWS:
+            yield _python_batch(rows, _labels(cfg))
+            rows = []
     if rows:
         yield _python_batch(rows, _labels(cfg))
 
