@@ -31,6 +31,11 @@ compile: $(STAMP)
 	$(BIN)/canaryflow compile -o canaryflow-pipeline.yaml
 
 bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/data_stage.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/training_cpu.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluation.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/canary.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/router.py
 	$(BIN)/python benchmarks/run_make_run.py
 
 clean:

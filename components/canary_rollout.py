@@ -12,7 +12,9 @@ def canary_rollout(
 ) -> str:
     """Roll the registered challenger out as a canary; promote it or roll it back. Returns the verdict.
 
-    With no champion yet, the challenger serves alone for a smoke check against the SLOs.
+    Anytime-valid sequential tests on its SLIs decide after every batch of requests (canary.backend: local
+    replays the test inputs through a router on loopback; kserve steps up the InferenceService's canary on
+    live traffic). With no champion yet, the challenger serves alone for a smoke check against the SLOs.
 
     Args:
         config_json: The whole canaryflow config as JSON (canaryflow.config.Config).
@@ -20,7 +22,7 @@ def canary_rollout(
         job_id: The KFP job id, used when run_key is empty.
         data: Output of prepare_data: its test inputs are the replayed traffic.
         model_version: The registered version to roll out.
-        canary: Directory with canary.json (every step's SLIs and reasons) and the servers' logs.
+        canary: Directory with canary.json (every phase, every look), timeline.png and the servers' logs.
     """
     from canaryflow.steps import canary_rollout_step, run_key_of
 

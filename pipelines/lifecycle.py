@@ -19,6 +19,7 @@ from canaryflow.config import Config
 PIPELINE_NAME = "canaryflow-lifecycle"
 MLFLOW_RETRIES = 2
 CHECKPOINT_MOUNT = "/mnt/canaryflow-checkpoints"
+PROMOTION_LOCK_ENV = "CANARYFLOW_PROMOTION_LOCK"  # set from the canaryflow-mlflow-db Secret (config.cluster)
 
 
 def _schedule_training(task, cfg: Config, local: bool) -> None:
@@ -75,15 +76,25 @@ def build_pipeline(cfg: Config, local: bool = False):
             task.set_caching_options(False)
         for task in (eval_task, register_task, canary_task, record_task):
             task.set_retry(num_retries=MLFLOW_RETRIES, backoff_duration="5s")
+        if not local:
+            for task in (prepare_task, train_task, eval_task, register_task, canary_task, record_task):
+                for env in cfg.cluster.secrets:
+                    kubernetes.use_secret_as_env(task, env.secret, env.keys, optional=env.optional)
 
     return lifecycle
 
 
 def for_cluster(cfg: Config) -> Config:
-    """The config a cluster run gets: checkpoints on the mounted PVC unless the config names a folder."""
+    """The config a cluster run gets: checkpoints on the mounted PVC unless the config names a folder, and
+    the canary on KServe (live traffic, Prometheus SLIs) instead of replayed requests on loopback."""
     if cfg.train.checkpoint_pvc and not cfg.train.checkpoint_dir:
-        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": CHECKPOINT_MOUNT})})
-    return cfg
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": CHECKPOINT_MOUNT})})
+    if not cfg.canary.shadow_requests:  # the shadow phase mirrors requests, which only the local router does
+        cfg = cfg.model_copy(update={"canary": cfg.canary.model_copy(update={"backend": "kserve"})})
+    if cfg.registry.lock == "auto":  # behind the MLflow server: its database's advisory lock, from a Secret
+        cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"lock": "env:" + PROMOTION_LOCK_ENV})})
+    # The tracking URI may carry credentials: on a cluster it comes from the canaryflow-mlflow Secret instead.
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": None})})
 
 
 def compile_pipeline(cfg: Config, package_path: str) -> str:

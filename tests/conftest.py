@@ -65,6 +65,23 @@ def trained(prepared, demo_files, tmp_path_factory):
     return out, fine_tune(cfg, prepared[0], out)
 
 
+# The canary policy of the end-to-end tests: the default tests on fewer, wider steps with looser margins, so a
+# canary decides in a few hundred requests; `make run` and the simulations (tests/unit/test_analysis.py)
+# exercise the default policy itself.
+QUICK_CANARY = [
+    "canary.steps=[50,100]",
+    "canary.min_requests_per_step=20",
+    "canary.error_margin=0.08",  # below the 10 % error drill, so only a rollback can end it
+    "canary.slow_margin=0.3",
+    "canary.quality_margin=0.2",
+    "canary.max_error_rate=0.2",
+]
+
+
+def quick_canary_args() -> list[str]:
+    return [arg for override in QUICK_CANARY for arg in ("--set", override)]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `canaryflow ...` as a user would, in a fresh process."""
     return subprocess.run(
@@ -93,6 +110,7 @@ def lifecycle_run(tmp_path_factory):
         "train.max_steps=350",
         "--set",
         "demo.bootstrap_max_steps=200",
+        *quick_canary_args(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, json.loads(result.stdout)
@@ -128,3 +146,76 @@ def champion_workdir(prepared, tmp_path_factory):
     )
     client.set_registered_model_alias(cfg.registry.model_name, CHAMPION, version.version)
     return workdir
+
+
+# Server mode: real `mlflow server`s on loopback, started once collection shows a selected test needs one.
+_SERVER_FIXTURES = ("sqlite_server", "postgres_server")
+_servers: dict[str, object] = {}
+
+
+def _start_server(kind: str):
+    import tempfile
+
+    from tests.servers import MlflowServer, Postgres
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"canaryflow-{kind}-server-"))
+    if kind == "sqlite":
+        server = MlflowServer(None, workdir)
+        # The server's clients share this machine, so a lock file serializes their promotions.
+        server.lock, server.cluster = f"file:{workdir / 'promotion.lock'}", None
+    else:
+        cluster = Postgres()
+        cluster.start()
+        backend = cluster.create_database("mlflow") if cluster.started else None
+        server = MlflowServer(backend, workdir)
+        # Clients of a PostgreSQL-backed server take the advisory lock in the server's own database.
+        server.lock, server.cluster = backend, cluster
+    if kind == "sqlite" or server.cluster.started:
+        server.start()
+    _servers[kind] = server
+    return server
+
+
+def pytest_collection_finish(session):
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    wanted = set(_SERVER_FIXTURES) if "server" in used else used & set(_SERVER_FIXTURES)
+    for name in sorted(wanted):
+        _start_server(name.removesuffix("_server"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _servers.values():
+        server.stop()
+        if server.cluster is not None:
+            server.cluster.stop()
+
+
+def _server(kind: str):
+    from tests.servers import Unavailable
+
+    server = _servers.get(kind) or _start_server(kind)
+    if kind == "postgres" and not server.cluster.started:
+        pytest.skip(f"no throwaway PostgreSQL cluster on this machine: {server.cluster.error}")
+    try:
+        server.wait()
+    except Unavailable as exc:
+        pytest.fail(f"mlflow server over {kind}: {exc} (log: {server.log})")
+    return server
+
+
+@pytest.fixture(scope="session")
+def sqlite_server():
+    """A real `mlflow server` over SQLite, with proxied artifacts: `.url` to talk to, `.lock` for registry.lock."""
+    return _server("sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real `mlflow server` over a throwaway PostgreSQL 15 cluster; skipped, with the reason, where no
+    cluster can start."""
+    return _server("postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")

@@ -20,6 +20,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from canaryflow import progress
+from canaryflow.cluster import AUTH_HELP
 from canaryflow.errors import CanaryflowError
 
 app = typer.Typer(
@@ -34,6 +35,8 @@ registry_app = typer.Typer(
     no_args_is_help=True, help="What the MLflow registry holds: versions, verdicts, aliases, the ledger."
 )
 app.add_typer(registry_app, name="registry")
+canary_app = typer.Typer(no_args_is_help=True, help="Canary rehearsals.")
+app.add_typer(canary_app, name="canary")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (default: the demo task).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: KEY=VALUE, repeatable.")]
@@ -83,6 +86,22 @@ def _progress_bars(console: Console, transient: bool):
 
 def _event_info(event: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in event.items() if k not in ("stage", "done", "total"))
+
+
+@contextlib.contextmanager
+def _reporter(console: Console, label: str, quiet: bool):
+    """A progress reporter that draws one transient bar on stderr, only for a person at a terminal: scripts
+    and logs get the result alone."""
+    if quiet or not console.is_terminal:
+        yield progress.ignore
+        return
+    with _progress_bars(console, transient=True) as bars:
+        task = bars.add_task(label, total=None, info="")
+
+        def report(stage: str, done: int, total: int, **info: object) -> None:
+            bars.update(task, completed=done, total=total, info=_event_info(info))
+
+        yield report
 
 
 class RunProgress:
@@ -152,7 +171,7 @@ def _canary_table(canary: dict) -> Table:
             return f"{mine} vs {_fmt(old.get(key), digits)}" if old.get("requests") else mine
 
         table.add_row(
-            f"{step['weight']}%",
+            "shadow" if step.get("phase") == "shadow" else f"{step['weight']}%",
             f"{new['requests']} of {step['requests']}",
             pair("error_rate", 3),
             pair("p95_ms"),
@@ -257,6 +276,111 @@ def compile_(
     _console().print(f"wrote {output}")
 
 
+HostOpt = Annotated[
+    str,
+    typer.Option(
+        "--host",
+        help="The KFP API endpoint: https://kubeflow.example.com/pipeline, or http://localhost:8080 through "
+        "`kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow`.",
+    ),
+]
+ExperimentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--experiment", help="KFP experiment, created when missing (default: the config's mlflow.experiment)."
+    ),
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        help="The experiment's namespace on multi-user Kubeflow (default: kfp's: the pod's own namespace, or the "
+        "one saved in ~/.config/kfp/context.json).",
+    ),
+]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KFP_TOKEN", help=AUTH_HELP)]
+
+
+@app.command()
+def submit(
+    host: HostOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    experiment: ExperimentOpt = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compile the DAG and start one run of it on a Kubeflow Pipelines cluster; print the run's URL.
+
+    Authentication: see --token."""
+    from canaryflow.cluster import submit as submit_run
+
+    result = submit_run(_load(config, set_), host, experiment=experiment, namespace=namespace, token=token)
+    if json_out:
+        print(json.dumps({k: result[k] for k in ("run_id", "url", "experiment_id", "experiment")}))
+        return
+    _console().print(f"submitted run {result['name']!r} to experiment {result['experiment']!r}")
+    print(result["url"])
+
+
+@app.command()
+def schedule(
+    host: HostOpt,
+    cron: Annotated[
+        str,
+        typer.Option(
+            "--cron",
+            help='When, as KFP\'s 6-field cron, seconds first: "SEC MIN HOUR DOM MON DOW", e.g. "0 0 3 * * *" '
+            '(03:00 daily) or "0 0 9 * * MON-FRI".',
+        ),
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    experiment: ExperimentOpt = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="The recurring run's name (default: '<registry.model_name> retraining')."),
+    ] = None,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", help="Runs of this schedule allowed at once (KFP takes 1 to 10).")
+    ] = 1,
+    catchup: Annotated[
+        bool, typer.Option("--catchup", help="Backfill every interval missed while paused (default: only the latest).")
+    ] = False,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compile the DAG and create a KFP recurring run of it on a cron schedule; print its URL.
+
+    A recurring run of the same name in the experiment is an error, not a second one. Authentication: see --token.
+    """
+    from canaryflow.cluster import schedule as schedule_run
+    from canaryflow.cluster import validate_cron
+
+    validate_cron(cron)  # a malformed --cron is the error to show, before the config is even read
+    result = schedule_run(
+        _load(config, set_),
+        host,
+        cron,
+        experiment=experiment,
+        name=name,
+        max_concurrency=max_concurrency,
+        catchup=catchup,
+        namespace=namespace,
+        token=token,
+    )
+    if json_out:
+        print(json.dumps(result))
+        return
+    _console().print(
+        f"scheduled {result['name']!r} on cron {result['cron']!r} in experiment {result['experiment']!r} "
+        f"(at most {result['max_concurrency']} at once, {'with' if catchup else 'no'} catch-up)"
+    )
+    print(result["url"])
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigOpt = None,
@@ -279,20 +403,13 @@ def data_check(
         cfg = with_demo_drop(cfg, workdir, next_demo_drop(workdir))
     # Only an existing registry is read: checking data must not create one.
     has_registry = bool(cfg.mlflow.tracking_uri) or (workdir / "mlflow.db").is_file()
-    # Progress goes to stderr, and only to a person at a terminal: scripts and logs get the card alone.
     console = _console()
-    shown = not json_out and console.is_terminal
-    with _progress_bars(console, transient=True) if shown else contextlib.nullcontext() as bars:
-        task = bars.add_task("prepare data", total=None, info="") if shown else None
-
-        def report(stage: str, done: int, total: int, **info: object) -> None:
-            bars.update(task, completed=done, total=total, info=_event_info(info))
-
+    with _reporter(console, "prepare data", json_out) as report:
         card = prepare_data(
             cfg,
             workdir / "data-check",
             reference=lambda: champion_data_card(with_workdir(cfg, workdir)) if has_registry else None,
-            report=report if shown else progress.ignore,
+            report=report,
         )
     if json_out:
         print(json.dumps(card))
@@ -364,7 +481,9 @@ def registry_show(
     cfg = _registry_config(config, set_, workdir, tracking_uri)
     try:
         mv = MlflowClient().get_model_version(cfg.registry.model_name, str(version))
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
         raise BadInputError(f"{cfg.registry.model_name} has no version {version}") from None
     _print_rows([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())], f"version {version}", json_out)
 
@@ -402,6 +521,43 @@ def rollback(
         print(json.dumps(result))
     else:
         _console().print(f"champion is now version {result['champion']} (previous: {result['previous-champion']})")
+
+
+@canary_app.command("drill")
+def canary_drill(
+    fault: Annotated[
+        str,
+        typer.Option(
+            "--fault",
+            help="How the challenger misbehaves: errors=P, latency_ms=N, quality=garbage, crash-after=N, none.",
+        ),
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Rehearse a canary whose challenger misbehaves as --fault says; report whether the gates caught it, and
+    how fast. The champion serves both sides; no registry alias moves."""
+    from canaryflow.rollout.drill import canary_drill as drill
+    from canaryflow.serving.faults import parse_fault
+
+    parse_fault(fault)  # a typo in the SPEC is the error to show, before any registry is looked for
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    console = _console()
+    with _reporter(console, f"drill {fault}", json_out) as report:
+        result = drill(cfg, workdir.resolve(), fault, reporter=report)
+    if json_out:
+        print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
+        return
+    console.print(_canary_table(result))
+    verdict = "[green]caught[/]" if result["caught"] else "[red]NOT caught[/]"
+    console.print(
+        f"Drill {fault}: {verdict}: {result['verdict']} after {result['requests_to_decision']} requests "
+        f"({result['seconds']:.1f} s); {result['reason']}. Champion traffic now {result['router_weights']}; "
+        f"registry aliases unchanged. Timeline: {result['artifacts']}/timeline.png"
+    )
 
 
 @app.command()
@@ -467,6 +623,14 @@ def main() -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # the last resort: still one line, with the type to search for
+        if type(exc).__name__ == "MlflowException":  # mlflow is imported only by the commands that need it
+            from canaryflow.registry.tracking import unavailable_error
+
+            words = [word for word in sys.argv[1:3] if not word.startswith("-")]
+            down = unavailable_error(exc, f"running `canaryflow {' '.join(words)}`")
+            if down is not None:
+                print(f"error: {down}", file=sys.stderr)
+                sys.exit(down.exit_code)
         print(
             f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr
         )

@@ -230,24 +230,128 @@ class GateConfig(_Section):
         return {**{m: -margin for m, margin in self.non_inferiority.items()}, **self.improvement}
 
 
+_KNATIVE = 'namespace="{namespace}",revision_name="{revision}"'
+
+
+class KServeConfig(_Section):
+    """Where the KServe canary runs and how its SLIs are read from Prometheus.
+
+    Query templates are PromQL with `{namespace}`, `{revision}` (the Knative revision serving one variant),
+    `{window}` (the time since the last look, e.g. `30s`) and `{threshold_ms}` (the champion's p95 rounded up
+    to a histogram bucket bound, for the slow-request count) filled in by `str.format`, so PromQL's own braces
+    are doubled; each must return one number. The defaults read Knative's queue-proxy metrics, which
+    KServe's serverless mode exports per revision (latencies in milliseconds). The slow query matches the
+    bucket by `le=~"{threshold_ms}([.]0)?"` because Prometheus 3 stores `le="300"` as `le="300.0"`.
+    """
+
+    namespace: str = Field("canaryflow", min_length=1, description="Namespace of the InferenceService.")
+    service: str | None = Field(None, description="InferenceService name; unset: registry.model_name.")
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that scrapes the predictors."
+    )
+    look_interval_s: float = Field(30.0, gt=0, description="Seconds between looks at the canary's metrics.")
+    artifacts_destination: str | None = Field(
+        None,
+        description="The MLflow server's --artifacts-destination (e.g. s3://mlflow/artifacts), where its "
+        "mlflow-artifacts:/ URIs live: KServe's storage initializer downloads models from there.",
+    )
+    queries: dict[str, str] = Field(
+        default_factory=lambda: {
+            "requests": f"sum(increase(revision_app_request_count{{{{{_KNATIVE}}}}}[{{window}}]))",
+            "errors": (
+                f'sum(increase(revision_app_request_count{{{{{_KNATIVE},response_code_class="5xx"}}}}[{{window}}]))'
+            ),
+            "slow": (
+                f"sum(increase(revision_app_request_latencies_count{{{{{_KNATIVE}}}}}[{{window}}]))"
+                " - sum(increase(revision_app_request_latencies_bucket"
+                f'{{{{{_KNATIVE},le=~"{{threshold_ms}}([.]0)?"}}}}[{{window}}]))'
+            ),
+            "p95_ms": (
+                "histogram_quantile(0.95, sum by (le) "
+                f"(rate(revision_app_request_latencies_bucket{{{{{_KNATIVE}}}}}[{{window}}])))"
+            ),
+        },
+        description="PromQL templates for requests, errors, slow requests and p95 ms of one variant.",
+    )
+
+    @field_validator("queries")
+    @classmethod
+    def _all_queries(cls, queries: dict[str, str]) -> dict[str, str]:
+        missing = sorted({"requests", "errors", "slow", "p95_ms"} - set(queries))
+        if missing:
+            raise ValueError(f"missing query templates: {', '.join(missing)}")
+        for name, template in queries.items():
+            # A typo in a placeholder, or PromQL braces left single, would otherwise surface mid-canary.
+            try:
+                template.format(namespace="ns", revision="rev", window="30s", threshold_ms="300")
+            except (KeyError, IndexError, ValueError) as exc:
+                problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
+                raise ValueError(
+                    f"{name}: {problem}; the placeholders are {{namespace}}, {{revision}}, {{window}} and "
+                    "{threshold_ms}, and PromQL's own braces are written doubled"
+                ) from None
+        return queries
+
+
 class CanaryConfig(_Section):
+    """The rollout policy: an optional shadow phase, then traffic steps, each judged after every batch of
+    requests by anytime-valid sequential tests (rollout/analysis.py)."""
+
+    backend: Literal["local", "kserve"] = Field(
+        "local",
+        description="local: two model servers on loopback behind a weighted router, fed by replayed test inputs; "
+        "kserve: the InferenceService's canary, judged on Prometheus metrics of live traffic.",
+    )
+    shadow_requests: int = Field(
+        0,
+        ge=0,
+        description="Requests mirrored to the challenger before traffic shifts (answers compared, not "
+        "returned); 0: no shadow phase.",
+    )
     steps: list[int] = Field(
         default_factory=lambda: [10, 25, 50, 100], description="Challenger traffic percentages, in order."
     )
-    min_requests_per_step: int = Field(20, gt=0, description="Challenger requests needed before a step is judged.")
-    max_requests_per_step: int = Field(600, gt=0, description="Requests after which an undecided step rolls back.")
-    smoke_requests: int = Field(40, gt=0, description="Requests of the smoke check when there is no champion.")
+    min_requests_per_step: int = Field(
+        50, gt=0, description="Challenger requests a step must see before it may be promoted."
+    )
+    max_requests_per_step: int = Field(
+        3000, gt=0, description="Challenger requests after which an undecided step rolls back."
+    )
+    max_step_seconds: float = Field(600.0, gt=0, description="Seconds after which an undecided step rolls back.")
+    batch_requests: int = Field(20, gt=0, description="Requests replayed between two looks (local backend).")
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Bound on the chance of rolling back a healthy challenger, over all looks."
+    )
+    error_tolerance: float = Field(
+        0.0, ge=0, le=1, description="Roll back once the error rate is surely worse by more."
+    )
+    slow_tolerance: float = Field(
+        0.0, ge=0, le=1, description="Roll back once the share slower than the champion's p95 is surely worse by more."
+    )
+    quality_tolerance: float = Field(
+        0.02, ge=0, le=1, description="Roll back once online chrF (as a 0-1 share) is surely worse by more."
+    )
+    error_margin: float = Field(
+        0.05, gt=0, le=1, description="Promote a step once the error rate is surely worse by less."
+    )
+    slow_margin: float = Field(
+        0.10, gt=0, le=1, description="Promote a step once the slow share is surely worse by less."
+    )
+    quality_margin: float = Field(
+        0.05, gt=0, le=1, description="Promote a step once online chrF (0-1 share) is surely worse by less."
+    )
+    max_error_rate: float = Field(
+        0.05, gt=0, le=1, description="Smoke check (no champion): the error rate must be surely below this."
+    )
+    max_p95_ms: float = Field(
+        2000.0, gt=0, description="Smoke check: the share of requests slower than this must be surely under 15%."
+    )
+    min_chrf: float = Field(30.0, ge=0, le=100, description="Smoke check: online chrF must be surely above this.")
     concurrency: int = Field(2, gt=0, description="Replay clients sending at once.")
     request_timeout_s: float = Field(15.0, gt=0, description="Per-request timeout of the replay client.")
-    max_error_rate: float = Field(0.02, ge=0, le=1, description="Highest challenger error rate that passes.")
-    max_p95_ms: float = Field(2000.0, gt=0, description="Absolute p95 latency ceiling for the challenger.")
-    max_p95_ratio: float = Field(2.5, gt=0, description="Challenger p95 may be at most this times the champion's.")
-    min_chrf: float = Field(30.0, ge=0, description="Lowest mean online chrF that passes (where references exist).")
-    chrf_margin: float = Field(
-        5.0, ge=0, description="How far below the champion's online chrF the challenger may fall."
-    )
     server_start_timeout_s: float = Field(120.0, gt=0, description="Time a model server gets to answer /health.")
     num_threads: int = Field(1, gt=0, description="torch threads per model server.")
+    kserve: KServeConfig = Field(default_factory=KServeConfig)
 
     @field_validator("steps")
     @classmethod
@@ -256,14 +360,84 @@ class CanaryConfig(_Section):
             raise ValueError("must rise strictly, each in 1..100, and end at 100")
         return steps
 
+    @model_validator(mode="after")
+    def _margins_above_tolerances(self) -> CanaryConfig:
+        for sli in ("error", "slow", "quality"):
+            if getattr(self, f"{sli}_margin") <= getattr(self, f"{sli}_tolerance"):
+                raise ValueError(f"canary.{sli}_margin must exceed canary.{sli}_tolerance")
+        if self.backend == "kserve" and self.shadow_requests:
+            raise ValueError("canary.shadow_requests needs the local backend: KServe's canary does not mirror")
+        if 0 < self.shadow_requests < self.min_requests_per_step:
+            raise ValueError("canary.shadow_requests must be 0 or at least canary.min_requests_per_step")
+        if self.max_requests_per_step < self.min_requests_per_step:
+            raise ValueError("canary.max_requests_per_step must be at least canary.min_requests_per_step")
+        return self
+
 
 class RegistryConfig(_Section):
     model_name: str = Field("canaryflow-demo", min_length=1, description="Registered model name in MLflow.")
+    lock: str = Field(
+        "auto",
+        description="What serializes promotions and rollbacks: auto (a file lock beside a SQLite store, an "
+        "advisory lock on a PostgreSQL store, none behind an http server), none, file:PATH, a "
+        "postgresql+psycopg2:// URI (the database behind an MLflow server) for its advisory lock, or env:NAME "
+        "to read one of those from an environment variable (a Secret, on a cluster).",
+    )
+
+    @field_validator("lock")
+    @classmethod
+    def _known_lock(cls, value: str) -> str:
+        if value in ("auto", "none") or value.startswith(("file:", "postgresql", "env:")):
+            return value
+        raise ValueError("must be auto, none, file:PATH, a postgresql+psycopg2:// URI or env:NAME")
 
 
 class MlflowConfig(_Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; unset: SQLite under the workdir.")
     experiment: str = Field("canaryflow", min_length=1, description="MLflow experiment for pipeline runs.")
+    # MLflow's own HTTP client retries connection errors and 429/5xx answers with exponential backoff; these
+    # bound it, so a server that stays down fails the step in about backoff_s * 2**retries seconds.
+    retries: int = Field(4, ge=0, le=10, description="Retries of a failed request to an MLflow server.")
+    backoff_s: int = Field(1, ge=0, le=60, description="Backoff factor of those retries, in seconds.")
+    timeout_s: int = Field(60, gt=0, description="Seconds one request to an MLflow server may take.")
+
+
+class SecretEnv(_Section):
+    secret: str = Field(min_length=1, description="Name of a Kubernetes Secret in the pipeline's namespace.")
+    keys: dict[str, str] = Field(description="Secret data key -> environment variable of every step.")
+    optional: bool = Field(False, description="Steps start without it when the Secret is missing.")
+
+
+class ClusterConfig(_Section):
+    """What a cluster run takes from Kubernetes rather than from this config, so that nothing secret is ever
+    compiled into the pipeline YAML (kfp-kubernetes use_secret_as_env on every step)."""
+
+    secrets: list[SecretEnv] = Field(
+        default_factory=lambda: [
+            SecretEnv(secret="canaryflow-mlflow", keys={"tracking-uri": "MLFLOW_TRACKING_URI"}),
+            # Only where the MLflow server sits behind basic auth.
+            SecretEnv(
+                secret="canaryflow-mlflow-auth",
+                keys={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+                optional=True,
+            ),
+            SecretEnv(
+                secret="canaryflow-s3",
+                keys={
+                    "access-key-id": "AWS_ACCESS_KEY_ID",
+                    "secret-access-key": "AWS_SECRET_ACCESS_KEY",
+                    "endpoint-url": "MLFLOW_S3_ENDPOINT_URL",
+                },
+            ),
+            SecretEnv(secret="canaryflow-hf", keys={"token": "HF_TOKEN"}, optional=True),
+            # The MLflow server's own database, for the promotion lock (registry.lock env:...); without it the
+            # re-read before every alias move is the only guard.
+            SecretEnv(
+                secret="canaryflow-mlflow-db", keys={"backend-store-uri": "CANARYFLOW_PROMOTION_LOCK"}, optional=True
+            ),
+        ],
+        description="Secrets every step gets as environment variables: MLflow, S3/MinIO, the HF token.",
+    )
 
 
 class Config(_Section):
@@ -276,6 +450,7 @@ class Config(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @classmethod
     def from_json(cls, text: str) -> Config:

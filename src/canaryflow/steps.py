@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from canaryflow.config import Config
+from canaryflow.registry.tracking import mlflow_step
 
 STEP_TAG = "canaryflow.step."
 STEPS = ("prepare_data", "fine_tune", "evaluate_model", "register_model", "canary_rollout")
@@ -33,6 +34,7 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(cfg.model_dump_json().encode("utf-8")).hexdigest()[:16]
 
 
+@mlflow_step("preparing the data")
 def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     import mlflow
 
@@ -65,6 +67,7 @@ def _flat(prefix: str, values: dict) -> dict[str, object]:
     return flat
 
 
+@mlflow_step("fine-tuning")
 def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) -> dict:
     """Train, logging every parameter up front and each logged step's telemetry as it happens, so an
     operator watching MLflow sees loss, throughput, memory and the health counters live. A run that
@@ -102,6 +105,7 @@ def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) 
     return metrics
 
 
+@mlflow_step("evaluating")
 def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, out_dir: str) -> dict:
     import mlflow
 
@@ -127,6 +131,7 @@ def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir
     return result
 
 
+@mlflow_step("registering the candidate")
 def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, evaluation_dir: str) -> str:
     import mlflow
 
@@ -149,6 +154,7 @@ def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir
     return version
 
 
+@mlflow_step("rolling out the canary")
 def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: str, out_dir: str) -> dict:
 
     from canaryflow.registry.tracking import pipeline_run
@@ -162,13 +168,13 @@ def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: 
 
 
 def _canary_summary(canary: dict | None) -> dict:
-    """The canary's verdict and each step's SLIs and reasons (the per-check detail stays in MLflow)."""
+    """The canary's verdict and each phase's SLIs and reasons (every look, the timeline, stays in MLflow)."""
     if canary is None:
         return {"verdict": "not_run"}
-    steps = [{k: v for k, v in step.items() if k != "checks"} for step in canary["steps"]]
-    return {**{k: v for k, v in canary.items() if k != "steps"}, "steps": steps}
+    return {k: v for k, v in canary.items() if k != "timeline"}
 
 
+@mlflow_step("recording the outcome")
 def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
     """Exit handler: build the run's summary from what the steps logged, whether or not they all ran.
 

@@ -9,16 +9,29 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_registry_review_notebook_executes(lifecycle_run, monkeypatch):
-    workdir, summary = lifecycle_run
+def _execute(name: str, workdir, monkeypatch) -> tuple[list, str]:
+    """Run a notebook top to bottom against the workdir's registry; its outputs, and their text, error-free."""
     monkeypatch.setenv("CANARYFLOW_WORKDIR", str(workdir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    nb = nbformat.read(REPO / "notebooks" / "01-registry-review.ipynb", as_version=4)
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    text = "\n".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    return outputs, "\n".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+def test_registry_review_notebook_executes(lifecycle_run, monkeypatch):
+    workdir, summary = lifecycle_run
+    outputs, text = _execute("01-registry-review.ipynb", workdir, monkeypatch)
     assert f"'champion': '{summary['registry']['aliases']['champion']}'" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered
     assert "passed" in text
     assert "from_version" in text and "to_version" in text  # the ledger table
+
+
+def test_run_comparison_notebook_executes(lifecycle_run, monkeypatch):
+    workdir, summary = lifecycle_run
+    outputs, text = _execute("02-run-comparison.ipynb", workdir, monkeypatch)
+    assert summary["run_key"][:12] in text  # the run the fixture made is in the table
+    assert "challenger.bleu" in text and "champion.bleu" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)

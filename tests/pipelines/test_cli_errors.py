@@ -21,6 +21,8 @@ from tests.conftest import run_cli
         (["run", "--bogus-flag"], "error: No such option: --bogus-flag"),
         (["registry", "list"], "error: no registry in "),
         (["rollback", "--reason", "bad canary"], "error: no registry in "),
+        (["canary", "drill", "--fault", "errors=2"], "error: fault 'errors=2': the error fraction P must be in (0, 1]"),
+        (["canary", "drill", "--fault", "none"], "error: no registry in "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

@@ -57,7 +57,8 @@ def test_fine_tune_carries_the_gpu_and_scheduling_settings_from_config(tmp_path)
     assert container["resources"]["resourceMemoryRequest"] == "32Gi"
     assert container["resources"]["accelerator"]["resourceCount"] == "2"
     platform = _kubernetes(path)
-    assert list(platform) == ["exec-fine-tune"]  # the other steps need no GPU node
+    # Only fine_tune goes to a GPU node; the other steps carry only the Secrets every step gets.
+    assert [name for name, executor in platform.items() if set(executor) - {"secretAsEnv"}] == ["exec-fine-tune"]
     fine_tune = platform["exec-fine-tune"]
     assert fine_tune["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
     assert fine_tune["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -104,3 +105,31 @@ def test_images_come_from_the_one_constant_and_skip_installing_kfp(tmp_path):
     assert {e["container"]["image"] for e in executors.values()} == {BASE_IMAGE, TRAIN_IMAGE}
     for executor in executors.values():
         assert "pip install" not in " ".join(executor["container"]["command"])
+
+
+def test_secrets_reach_every_step_from_kubernetes_and_never_the_yaml(tmp_path):
+    secret = "pa55-w0rd-never-compiled"
+    path, spec = _compile(tmp_path, f"mlflow.tracking_uri=http://ops:{secret}@mlflow.canaryflow.svc:5000")
+    text = path.read_text()
+    assert secret not in text and "mlflow.canaryflow.svc" not in text
+    baked = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
+    assert baked["mlflow"]["tracking_uri"] is None  # each step reads MLFLOW_TRACKING_URI from the Secret
+    executors = _kubernetes(path)
+    steps = [name for name in spec["deploymentSpec"]["executors"]]
+    assert sorted(executors) == sorted(steps)
+    for name in steps:
+        wired = {s["secretName"]: s for s in executors[name]["secretAsEnv"]}
+        assert set(wired) == {
+            "canaryflow-mlflow",
+            "canaryflow-mlflow-auth",
+            "canaryflow-s3",
+            "canaryflow-hf",
+            "canaryflow-mlflow-db",
+        }, name
+        envs = {k["envVar"] for k in wired["canaryflow-mlflow"]["keyToEnv"]}
+        assert "MLFLOW_TRACKING_URI" in envs
+        assert {k["envVar"] for k in wired["canaryflow-hf"]["keyToEnv"]} == {"HF_TOKEN"}
+        assert wired["canaryflow-hf"].get("optional") is True
+    # The canary runs on KServe, and promotions lock the MLflow server's database, named by a Secret.
+    assert baked["canary"]["backend"] == "kserve"
+    assert baked["registry"]["lock"] == "env:CANARYFLOW_PROMOTION_LOCK"

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, quick_canary_args, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,11 @@ def test_summary_renders_for_a_person(lifecycle_run):
     from canaryflow.cli import render_summary
 
     _, summary = lifecycle_run
-    assert [step["weight"] for step in summary["canary"]["steps"]][0] == 10
+    assert [step["weight"] for step in summary["canary"]["steps"]][0] == 50  # QUICK_CANARY's first step
     out = io.StringIO()
     render_summary(summary, Console(file=out, width=160))
     text = out.getvalue()
-    for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "10%", "vs champion v1"):
+    for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "50%", "vs champion v1"):
         assert expected in text, expected
     assert f"{summary['data']['test_inputs']} inputs" in text
 
@@ -150,7 +150,7 @@ def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
     args = ["run", "--json", "--config", "configs/classification.yaml", "--workdir", str(tmp_path / "wd")]
     for split, path in files.items():
         args += ["--set", f"data.{split}={path}"]
-    args += ["--set", "train.max_steps=80", "--set", "canary.smoke_requests=16"]
+    args += ["--set", "train.max_steps=80", *quick_canary_args()]
     first = run_cli(*args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout)

@@ -25,6 +25,10 @@ def test_set_overrides_keep_yaml_types():
         ("canary.steps=[50, 10]", "canary.steps"),
         ("canary.steps=[10, 50]", "end at 100"),
         ("novalue", "expected KEY=VALUE"),
+        ("registry.lock=redis://x", "must be auto, none, file:PATH, a postgresql+psycopg2:// URI or env:NAME"),
+        ("mlflow.retries=-1", "mlflow.retries"),
+        ("canary.shadow_requests=10", "canary.shadow_requests must be 0 or at least"),
+        ("canary.error_margin=0", "canary.error_margin"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):

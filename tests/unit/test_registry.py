@@ -1,7 +1,5 @@
 """Registration, idempotency and alias moves against a real MLflow SQLite store."""
 
-import time
-
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -39,7 +37,7 @@ def test_register_tags_lineage_and_sets_challenger(registry):
     assert mv.tags["canaryflow.run_key"] == "run-a"
     assert mv.tags["data_card"] == f"runs:/{mv.run_id}/data/data_card.json"
     assert mv.tags["canaryflow.idempotency_key"] == "run-a"
-    assert mv.description.startswith(f"# unit version {version}") and "Gate: passed." in mv.description
+    assert mv.description.startswith("# unit: candidate of pipeline run run-a") and "Gate: passed." in mv.description
     assert len(mv.tags["git_commit"]) in (7, 40) or mv.tags["git_commit"] == "unknown"
     assert models.aliases(cfg)["challenger"] == version
     assert (models.model_uri(cfg, version)) == f"models:/unit/{version}"
@@ -155,56 +153,24 @@ def test_rollback_returns_to_the_previous_champion_and_the_ledger_records_every_
     assert ledger.serving_at(cfg, datetime(2000, 1, 1, tzinfo=UTC)) is None
 
 
-_RACER = """
-import sys, time
-from pathlib import Path
-from canaryflow.config import load_config
-from canaryflow.registry import models
-from canaryflow.registry.ledger import PromotionConflict
-cfg = load_config(overrides=[f"mlflow.tracking_uri={sys.argv[1]}", "registry.model_name=race"])
-models.alias_version(cfg, "champion")  # connect before the start line, so both start the race together
-Path(sys.argv[4]).touch()
-while not Path(sys.argv[5]).exists():
-    time.sleep(0.01)
-try:
-    models.promote(cfg, sys.argv[2], sys.argv[3], "racing")
-    print("won")
-except PromotionConflict as exc:
-    print("conflict:", exc)
-"""
-
-
-def test_two_processes_racing_to_promote_exactly_one_wins(tmp_path, trained):
-    import subprocess
-    import sys
-
-    from mlflow import MlflowClient
+def test_two_processes_racing_to_promote_exactly_one_wins(tmp_path):
+    from tests.racing import race
 
     uri = sqlite_uri(tmp_path / "wd")
-    cfg = load_config(overrides=[f"mlflow.tracking_uri={uri}", "registry.model_name=race"])
-    models.configure(cfg)
-    client = MlflowClient()
-    client.create_registered_model("race")
-    run = client.create_run(models.configure(cfg))
-    versions = [
-        client.create_model_version("race", f"runs:/{run.info.run_id}/m", run.info.run_id).version for _ in range(3)
-    ]
-    client.set_registered_model_alias("race", "champion", str(versions[0]))
-    go = tmp_path / "go"
-    racers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, uri, str(v), str(versions[0]), str(tmp_path / f"ready-{v}"), str(go)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for v in versions[1:]
-    ]
-    while not all((tmp_path / f"ready-{v}").exists() for v in versions[1:]):
-        time.sleep(0.05)
-    go.touch()
-    outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
-    assert sorted(o.split(":")[0] for o in outcomes) == ["conflict", "won"], outcomes
-    winner = str(versions[1:][outcomes.index("won")])
-    assert models.alias_version(cfg, "champion") == winner
-    assert "another promotion or rollback came first; nothing was moved" in next(o for o in outcomes if o != "won")
-    assert [m["to_version"] for m in ledger.history(cfg, "champion")] == [winner]  # one move, recorded once
+    race(load_config(overrides=[f"mlflow.tracking_uri={uri}", "registry.model_name=race"]), tmp_path)
+
+
+def test_a_lock_named_by_an_environment_variable(tmp_path, monkeypatch):
+    """On a cluster the lock's target is a Secret's value: env:NAME reads it when the move happens."""
+    lock_file = tmp_path / "promotion.lock"
+    cfg = load_config(overrides=["registry.lock=env:CANARYFLOW_TEST_LOCK"])
+    monkeypatch.setenv("CANARYFLOW_TEST_LOCK", f"file:{lock_file}")
+    with ledger.promotion_lock(cfg, timeout=1):
+        assert lock_file.is_file()
+        # A second mover waits on the same file, and gives up with one line when the first holds on.
+        with pytest.raises(ledger.CanaryflowError, match="another promotion held"):
+            with ledger.promotion_lock(cfg, timeout=0.2):
+                pass
+    monkeypatch.delenv("CANARYFLOW_TEST_LOCK")
+    with ledger.promotion_lock(cfg, timeout=1):  # unset: no lock, the re-read alone guards
+        pass

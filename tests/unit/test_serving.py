@@ -1,15 +1,23 @@
 """The model server and the weighted router, as real HTTP servers on loopback."""
 
 import json
+import threading
+import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sacrebleu
 
+from canaryflow.errors import BadInputError
 from canaryflow.evaluation.generate import Seq2SeqGenerator
-from canaryflow.rollout.local import Router, post_json
-from canaryflow.serving.http import MAX_BODY_BYTES, serve_in_thread
-from canaryflow.serving.server import MAX_INPUT_CHARS, make_handler
+from canaryflow.rollout.local import LocalBackend, MirrorResult, Router, post_json
+from canaryflow.serving.faults import CRASH_EXIT_CODE, parse_fault
+from canaryflow.serving.http import MAX_BODY_BYTES, ConnectionPool, JsonHandler, serve_in_thread
+from canaryflow.serving.server import MAX_INPUT_CHARS, load_generator, main, make_handler
+
+INPUTS = ["name: Ada | job: baker | city: Oslo", "name: Bo | job: pilot | city: Rome"]
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +98,359 @@ def test_router_answers_502_when_a_backend_is_down(servers):
         assert status == 502 and headers["X-Canary-Variant"] == "challenger"
     finally:
         router.stop()
+
+
+# --- fault injection -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, kind, value",
+    [
+        ("none", "none", 0),
+        ("errors=0.1", "errors", 0.1),
+        ("errors=1", "errors", 1),
+        (" errors = 0.5 ", "errors", 0.5),
+        ("latency_ms=250", "latency_ms", 250),
+        ("latency_ms=0", "latency_ms", 0),
+        ("quality=garbage", "quality", 0),
+        ("crash-after=0", "crash-after", 0),
+        ("crash-after=3", "crash-after", 3),
+    ],
+)
+def test_fault_specs_parse(spec, kind, value):
+    fault = parse_fault(spec)
+    assert (fault.kind, fault.value) == (kind, value)
+    assert parse_fault(str(fault)).kind == kind  # str() gives back a spec
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("explode=1", "unknown kind 'explode'; expected one of errors=P"),
+        ("", "unknown kind ''"),
+        ("none=1", "unknown kind"),
+        ("errors", "errors needs a value, e.g. errors=P"),
+        ("errors=", "needs a value"),
+        ("errors=0", r"P must be in \(0, 1\]"),
+        ("errors=1.5", r"P must be in \(0, 1\]"),
+        ("errors=-0.1", r"P must be in \(0, 1\]"),
+        ("errors=nan", "not a finite number"),
+        ("errors=lots", "'lots' is not a number"),
+        ("latency_ms=-5", "N must not be negative"),
+        ("crash-after=-1", "N must not be negative"),
+        ("crash-after=2.5", "not a whole number"),
+        ("quality=poor", "quality takes only 'garbage'"),
+    ],
+)
+def test_bad_fault_specs_get_one_clear_line(spec, message):
+    with pytest.raises(BadInputError, match=message) as caught:
+        parse_fault(spec)
+    assert "\n" not in str(caught.value) and repr(spec) in str(caught.value)
+
+
+def test_error_fault_is_seeded():
+    def pattern(seed):
+        fault = parse_fault("errors=0.5", seed=seed)
+        return [fault.before_predict() for _ in range(200)]
+
+    assert pattern(3) == pattern(3) != pattern(4)
+    assert 70 < sum(pattern(3)) < 130
+
+
+def test_server_rejects_a_bad_fault_before_loading_anything(capsys):
+    assert main(["--model-uri", "/nowhere", "--fault", "errors=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fault 'errors=2'") and "\n" not in err
+
+
+class Echo:
+    """A model that answers at once, so a test of timing sees only the fault's own delay."""
+
+    def generate(self, inputs):
+        return list(inputs)
+
+
+@pytest.fixture(scope="module")
+def faulty(trained):
+    model = Seq2SeqGenerator(trained[0])
+    started = {
+        spec: serve_in_thread(make_handler(generator, "challenger", "2", parse_fault(spec, seed=1)))
+        for spec, generator in (
+            ("none", model),
+            ("quality=garbage", model),
+            ("errors=0.5", Echo()),
+            ("latency_ms=300", Echo()),
+        )
+    }
+    yield {spec: f"http://127.0.0.1:{srv.server_address[1]}" for spec, srv in started.items()}
+    for srv in started.values():
+        srv.shutdown()
+
+
+def _predict(url, inputs=INPUTS):
+    return post_json(url + "/predict", json.dumps({"inputs": inputs}).encode(), 30)
+
+
+def test_error_fault_fails_a_fraction_with_500(faulty):
+    answers = [_predict(faulty["errors=0.5"], INPUTS[:1]) for _ in range(20)]
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) == {200, 500} and 4 <= statuses.count(500) <= 16
+    failed = next(raw for status, raw, _ in answers if status == 500)
+    assert "injected fault errors=0.5" in json.loads(failed)["error"]
+    assert _predict(faulty["errors=0.5"], [])[0] == 400  # bad input stays a 4xx, whatever the fault
+
+
+def test_latency_fault_adds_its_delay(faulty):
+    for expected in (0.3, 0.3, 0.3):
+        started = time.perf_counter()
+        status, raw, _ = _predict(faulty["latency_ms=300"])
+        assert status == 200 and json.loads(raw)["predictions"] == INPUTS
+        assert expected <= time.perf_counter() - started < expected + 1
+
+
+def test_garbage_fault_answers_200_with_unrelated_text(faulty):
+    _, good, _ = _predict(faulty["none"])
+    status, bad, _ = _predict(faulty["quality=garbage"])
+    good, bad = json.loads(good)["predictions"], json.loads(bad)["predictions"]
+    assert status == 200 and len(bad) == len(good) == len(INPUTS)
+    for real, garbage in zip(good, bad):
+        assert sacrebleu.sentence_chrf(garbage, [real]).score < 20 < sacrebleu.sentence_chrf(real, [real]).score
+
+
+# --- an MLflow model directory, and faults through LocalBackend -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_model_dir(trained, tmp_path_factory):
+    """What KServe's storage initializer leaves in /mnt/models for a version canaryflow registered."""
+    import mlflow.pyfunc
+
+    from canaryflow.registry.models import PYFUNC_ENTRY
+
+    path = tmp_path_factory.mktemp("mlmodel") / "model"
+    mlflow.pyfunc.save_model(
+        path=str(path),
+        python_model=str(PYFUNC_ENTRY),
+        artifacts={"model_dir": str(trained[0])},
+        model_config={"max_source_length": 128},
+        pip_requirements=["canaryflow"],
+    )
+    return path
+
+
+def test_load_generator_reads_an_mlflow_model_directory(mlflow_model_dir, trained):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        generator = load_generator(str(mlflow_model_dir), num_threads=1)
+    finally:
+        torch.set_num_threads(threads)  # the server's setting must not slow the rest of the session
+    assert generator.generate(INPUTS) == Seq2SeqGenerator(trained[0]).generate(INPUTS)
+
+
+def test_local_backend_serves_an_mlflow_model_dir_and_crashes_as_told(mlflow_model_dir, tmp_path):
+    with LocalBackend(
+        {"challenger": (str(mlflow_model_dir), "7")},
+        num_threads=1,
+        start_timeout=120,
+        request_timeout=30,
+        log_dir=tmp_path,
+        faults={"challenger": "crash-after=2"},
+    ) as backend:
+        backend.router.set_weights({"challenger": 100})
+        answers = [_predict(backend.router.url, INPUTS[:1]) for _ in range(3)]
+        assert [a[0] for a in answers] == [200, 200, 502]
+        assert json.loads(answers[0][1])["model_version"] == "7"
+        assert backend.servers["challenger"].process.wait(timeout=10) == CRASH_EXIT_CODE
+    assert "injected fault crash-after=2" in (tmp_path / "server-challenger.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "faults, message",
+    [({"challenger": "errors=2"}, r"P must be in"), ({"champion": "errors=0.1"}, "faults name no server")],
+)
+def test_local_backend_refuses_bad_faults_before_starting(tmp_path, faults, message):
+    with pytest.raises(BadInputError, match=message):
+        LocalBackend({"challenger": ("/nowhere", "1")}, 1, 5, 5, tmp_path, faults=faults)
+    assert not list(tmp_path.iterdir())  # no server was started, so no log either
+
+
+# --- the router against tiny stdlib upstreams ---------------------------------------------------------------------
+
+
+class Stub:
+    """An upstream that records what it gets, can be held on `gate`, and can close connections without saying so."""
+
+    def __init__(self, name: str, silent_close: bool = False):
+        self.name, self.silent_close = name, silent_close
+        self.bodies: list[bytes] = []
+        self.peers: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        stub = self
+
+        class Handler(JsonHandler):
+            def do_POST(self):
+                body = self.read_body()
+                stub.bodies.append(body)
+                stub.peers.add(self.client_address[1])
+                stub.gate.wait(10)
+                self.send_json(200, {"predictions": [stub.name], "model_version": stub.name})
+                self.close_connection = stub.silent_close  # closes after the answer, which said keep-alive
+
+        self.server = serve_in_thread(Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.gate.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def stubs():
+    made = {name: Stub(name) for name in ("champion", "challenger")}
+    yield made
+    for stub in made.values():
+        stub.stop()
+
+
+@pytest.fixture
+def make_router(stubs):
+    routers = []
+
+    def make(**kwargs):
+        router = Router({name: stub.url for name, stub in stubs.items()}, timeout=10, **kwargs)
+        router.set_weights({"champion": 100, "challenger": 0})
+        routers.append(router)
+        return router
+
+    yield make
+    for router in routers:
+        router.stop()
+
+
+def _wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _metrics(url):
+    return _get(url + "/metrics")[1]
+
+
+def test_router_forwards_the_original_bytes_over_kept_alive_connections(make_router, stubs):
+    router = make_router()
+    body = b'{ "inputs" :\t["name: Ada"] ,"extra": 1 }'
+    answers = [post_json(router.url + "/predict", body, 10) for _ in range(3)]
+    assert stubs["champion"].bodies == [body] * 3
+    ids = [headers["X-Request-Id"] for _, _, headers in answers]
+    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
+    assert len(stubs["champion"].peers) == 1  # one upstream connection for all three
+    text = _metrics(router.url)
+    assert 'canaryflow_router_requests_total{code="200",variant="champion"} 3.0' in text
+    assert 'canaryflow_router_latency_seconds_count{variant="champion"} 3.0' in text
+    assert "canaryflow_router_in_flight 0.0" in text
+
+
+def test_connection_pool_resends_on_a_connection_the_server_closed():
+    stub = Stub("x", silent_close=True)
+    pool = ConnectionPool(stub.url, timeout=5)
+    try:
+        for _ in range(3):
+            time.sleep(0.05)  # lets the server's close arrive before the pooled connection is reused
+            assert pool.request("POST", "/predict", b"{}")[0] == 200
+        assert len(stub.bodies) == 3 and len(stub.peers) == 3  # each resent once, never twice to the server
+    finally:
+        pool.close()
+        stub.stop()
+
+
+@pytest.mark.parametrize(
+    "body, status, reason",
+    [
+        (b"{not json", 400, "malformed"),
+        (b"[1, 2]", 400, "malformed"),
+        (b"\xff\xfe", 400, "malformed"),
+        (b"x" * (MAX_BODY_BYTES + 1), 413, "too_large"),
+    ],
+)
+def test_router_refuses_bad_bodies_without_forwarding(make_router, stubs, body, status, reason):
+    router = make_router()
+    got, raw, headers = post_json(router.url + "/predict", body, 10)
+    assert got == status and json.loads(raw)["error"] and headers["X-Request-Id"]
+    assert stubs["champion"].bodies == []
+    assert f'canaryflow_router_rejected_requests_total{{reason="{reason}"}} 1.0' in _metrics(router.url)
+
+
+def test_router_sheds_load_beyond_max_in_flight(make_router, stubs):
+    router = make_router(max_in_flight=2)
+    stubs["champion"].gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(post_json, router.url + "/predict", b'{"inputs": ["a"]}', 10) for _ in range(2)]
+        _wait_for(lambda: len(stubs["champion"].bodies) == 2)
+        assert "canaryflow_router_in_flight 2.0" in _metrics(router.url)
+        started = time.perf_counter()
+        status, raw, _ = post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)
+        assert status == 503 and "in flight" in json.loads(raw)["error"]
+        assert time.perf_counter() - started < 1
+        stubs["champion"].gate.set()
+        assert [f.result()[0] for f in held] == [200, 200]
+    assert post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)[0] == 200  # the slots came back
+    text = _metrics(router.url)
+    assert 'canaryflow_router_rejected_requests_total{reason="overloaded"} 1.0' in text
+    assert "canaryflow_router_in_flight 0.0" in text
+
+
+def test_mirror_answers_from_primary_at_once_and_pairs_the_shadow_by_request_id(make_router, stubs):
+    router = make_router()
+    router.set_mirror("champion", "challenger")
+    stubs["challenger"].gate.clear()  # a shadow that hangs must not hold the client
+    started = time.perf_counter()
+    status, raw, headers = post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)
+    assert time.perf_counter() - started < 1
+    assert status == 200 and headers["X-Canary-Variant"] == "champion"
+    assert json.loads(raw)["model_version"] == "champion"
+    request_id = headers["X-Request-Id"]
+    assert router.mirrored(request_id, timeout=0.1) is None  # not back yet
+    time.sleep(0.2)
+    stubs["challenger"].gate.set()
+    result = router.mirrored(request_id, timeout=5)
+    assert isinstance(result, MirrorResult) and result.status == 200 and result.latency_ms >= 200
+    assert json.loads(result.body)["model_version"] == "challenger"
+    assert stubs["challenger"].bodies == [b'{"inputs": ["a"]}']
+    assert router.mirrored(request_id, timeout=0.1) is None  # claimed once
+    assert 'canaryflow_router_mirrored_requests_total{code="200",variant="challenger"} 1.0' in _metrics(router.url)
+
+    router.set_mirror(None, None)
+    _, _, headers = post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)
+    assert router.mirrored(headers["X-Request-Id"], timeout=5) is None  # weights again: no copy, no wait
+    assert len(stubs["challenger"].bodies) == 1
+    for bad in (("champion", "champion"), ("champion", "nobody"), ("champion", None)):
+        with pytest.raises(ValueError):
+            router.set_mirror(*bad)
+
+
+def test_mirror_drops_copies_a_stuck_shadow_cannot_take(make_router, stubs):
+    router = make_router(max_in_flight=1)
+    router.set_mirror("champion", "challenger")
+    stubs["challenger"].gate.clear()
+    ids = [post_json(router.url + "/predict", b"{}", 10)[2]["X-Request-Id"] for _ in range(3)]
+    started = time.perf_counter()
+    assert router.mirrored(ids[1], timeout=5) is None and time.perf_counter() - started < 1
+    assert 'canaryflow_router_mirrored_requests_total{code="dropped",variant="challenger"} 2.0' in _metrics(router.url)
+    stubs["challenger"].gate.set()
+    assert router.mirrored(ids[0], timeout=5).status == 200
+
+
+def test_unclaimed_mirror_results_are_capped_oldest_first(make_router):
+    router = make_router(mirror_cap=2)
+    router.set_mirror("champion", "challenger")
+    ids = []
+    for _ in range(4):
+        ids.append(post_json(router.url + "/predict", b"{}", 10)[2]["X-Request-Id"])
+        # One copy settled at a time: shadows run in parallel, and "oldest" means the first to come back.
+        _wait_for(lambda: not router._mirror_pending)
+    assert [router.mirrored(i, timeout=0.1) is not None for i in ids] == [False, False, True, True]

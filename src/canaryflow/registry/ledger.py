@@ -2,9 +2,10 @@
 
 MLflow has no compare-and-set for aliases: two processes that read, check and write can both believe
 they won (probed). So every move of `champion` and `previous-champion` goes through `move_aliases`, which
-- takes a lock that serializes movers: a file lock beside a SQLite store, a PostgreSQL advisory lock on a
-  PostgreSQL store; an MLflow server behind HTTP offers no lock to a client, so there the re-read below is
-  the only guard (the cluster issue adds a Kubernetes Lease);
+- takes a lock that serializes movers (`registry.lock`): by default a file lock beside a SQLite store and a
+  PostgreSQL advisory lock on a PostgreSQL store. An MLflow server behind HTTP offers a client no lock, so
+  there `registry.lock` names one (a shared lock file, or the server's PostgreSQL database); left at auto,
+  the re-read below is the only guard;
 - re-reads the aliases and moves them only if they still point where the decision saw them;
 - reads them back; and
 - appends one ledger entry per moved alias: an MLflow run in the `<experiment>-ledger` experiment whose
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -59,14 +61,19 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _advisory_lock(uri: str, name: str) -> Iterator[None]:
+def _advisory_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha256(f"canaryflow-promotion:{name}".encode()).digest()[:8], "big", signed=True)
     engine = sqlalchemy.create_engine(uri)
     try:
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            # An advisory lock wait is an ordinary lock wait, so lock_timeout bounds it.
+            connection.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout * 1000)}ms'"))
+            try:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            except sqlalchemy.exc.OperationalError:
+                raise CanaryflowError(f"another promotion held the advisory lock for over {timeout:.0f} s") from None
             try:
                 yield
             finally:
@@ -77,13 +84,23 @@ def _advisory_lock(uri: str, name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def promotion_lock(cfg: Config, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Serialize alias moves on this registry, by the strongest means its store offers."""
-    uri = cfg.mlflow.tracking_uri or ""
-    if uri.startswith("sqlite:///"):
-        with _file_lock(Path(uri.removeprefix("sqlite:///") + ".promotion.lock"), timeout):
+    """Serialize alias moves on this registry: with the lock `registry.lock` names, or on auto the
+    strongest one the store itself offers."""
+    lock = cfg.registry.lock
+    if lock.startswith("env:"):
+        lock = os.environ.get(lock.removeprefix("env:")) or "none"
+        if lock == "none":
+            logging.getLogger(__name__).warning(
+                "%s is not set: promotions rely on the re-read alone", cfg.registry.lock.removeprefix("env:")
+            )
+    if lock == "auto":
+        uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        lock = f"file:{uri.removeprefix('sqlite:///')}.promotion.lock" if uri.startswith("sqlite:///") else uri
+    if lock.startswith("file:"):
+        with _file_lock(Path(lock.removeprefix("file:")), timeout):
             yield
-    elif uri.startswith("postgresql"):
-        with _advisory_lock(uri, cfg.registry.model_name):
+    elif lock.startswith("postgresql"):
+        with _advisory_lock(lock, cfg.registry.model_name, timeout):
             yield
     else:
         yield

@@ -44,8 +44,11 @@ def alias_version(cfg: Config, alias: str) -> str | None:
     configure(cfg)
     try:
         return str(_client().get_model_version_by_alias(cfg.registry.model_name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # Only "no such alias / model" means none: a store that did not answer must not read as "no champion".
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def aliases(cfg: Config) -> dict[str, str | None]:
@@ -61,13 +64,13 @@ def _requirements() -> list[str]:
 def register_candidate(
     cfg: Config, run_key: str, model_dir: str | Path, evaluation: dict, lineage: dict[str, str]
 ) -> str:
-    """Log the model as pyfunc, register it, tag it with lineage and the gate verdict, describe it with a
-    model card; return its version.
+    """Log the model as pyfunc, register it with lineage, the gate verdict and a model card; return its version.
 
     Every candidate is registered, passing or not, so reviewers can see what was rejected and why. Only a
-    passing candidate gets the `challenger` alias. Registering is idempotent per pipeline run: the version
-    is created with the run key as its idempotency key, so a KFP retry or a rerun after a crash finds it
-    (or, if it crashed between creating and tagging, finds it by the MLflow run that logged it).
+    passing candidate gets the `challenger` alias. The version is created with all its tags and its
+    description in one request, so no version is ever left without its lineage, whatever fails when.
+    Registering is idempotent per pipeline run: a KFP retry or a rerun after a crash finds the version by
+    its idempotency key (or by the MLflow run that logged it) and registers nothing new.
     """
     import mlflow
 
@@ -75,11 +78,16 @@ def register_candidate(
     client = _client()
     name = cfg.registry.model_name
     with pipeline_run(cfg, run_key) as run:
+        tags = _version_tags(cfg, run_key, run.info.run_id, evaluation, lineage)
         existing = client.search_model_versions(
             f"name='{name}' and tags.`{IDEMPOTENCY_TAG}` = '{run_key}'"
         ) or client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
         if existing:
             version = str(existing[0].version)
+            # A version registered by hand or by an older canaryflow may lack some of them.
+            for key, value in tags.items():
+                if existing[0].tags.get(key) != value:
+                    client.set_model_version_tag(name, version, key, value)
         else:
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -88,12 +96,38 @@ def register_candidate(
                 model_config={"max_source_length": cfg.data.max_source_length},
                 pip_requirements=_requirements(),
             )
-            version = str(mlflow.register_model(info.model_uri, name, tags={IDEMPOTENCY_TAG: run_key}).version)
+            _ensure_registered_model(client, name)
+            version = str(
+                client.create_model_version(
+                    name,
+                    source=info.model_uri,
+                    run_id=run.info.run_id,
+                    tags={IDEMPOTENCY_TAG: run_key, **tags},
+                    description=model_card(cfg, tags, evaluation),
+                    model_id=info.model_id,
+                ).version
+            )
+    if evaluation["gate"]["passed"]:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _version_tags(cfg: Config, run_key: str, run_id: str, evaluation: dict, lineage: dict[str, str]) -> dict:
     gate = evaluation["gate"]
     tags = {
         RUN_KEY_TAG: run_key,
         "git_commit": git_commit(),
-        DATA_CARD_TAG: f"runs:/{run.info.run_id}/{DATA_CARD}",
+        DATA_CARD_TAG: f"runs:/{run_id}/{DATA_CARD}",
         **lineage,
         "gate.passed": str(gate["passed"]).lower(),
         "gate.reasons": "; ".join(gate["reasons"]),
@@ -107,20 +141,16 @@ def register_candidate(
         tags[f"gate.{metric}.ci"] = f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] at {c['confidence']:.0%}"
         tags[f"gate.{metric}.p_value"] = f"{c['p_value']:.6f}"
         tags[f"gate.{metric}.threshold"] = f"{c['threshold']:+.4f}"
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=model_card(cfg, version, tags, evaluation))
-    if gate["passed"]:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    return version
+    return tags
 
 
-def model_card(cfg: Config, version: str, tags: dict[str, str], evaluation: dict) -> str:
+def model_card(cfg: Config, tags: dict[str, str], evaluation: dict) -> str:
     """The version's description in the registry: what it is, what it was trained on, how it scored, and
-    what the gate said, for a reviewer who opens the registry and nothing else."""
+    what the gate said, for a reviewer who opens the registry and nothing else. Written before the version
+    exists (it is created with it), so the title names the pipeline run, not the version number."""
     metrics = evaluation["metrics"]["challenger"] or {}
     lines = [
-        f"# {cfg.registry.model_name} version {version}",
+        f"# {cfg.registry.model_name}: candidate of pipeline run {tags.get(RUN_KEY_TAG, '')[:12]}",
         "",
         f"- Task: {cfg.model.task}; base model: {cfg.model.base}.",
         f"- Pipeline run: {tags.get(RUN_KEY_TAG, '')}; git commit {tags.get('git_commit', 'unknown')[:12]}.",
@@ -210,12 +240,18 @@ def rollback(cfg: Config, reason: str, run_key: str = "") -> dict[str, str | Non
     )
 
 
-def reject(cfg: Config, version: str, reason: str) -> dict[str, str | None]:
-    """Roll the challenger back: it loses the `challenger` alias; the champion is untouched."""
-    client = _client()
+def reject(cfg: Config, version: str, reason: str, run_key: str = "") -> dict[str, str | None]:
+    """Roll the challenger back: it loses the `challenger` alias, through the promotion lock and recorded in
+    the ledger like every alias move; the champion is untouched."""
+    from canaryflow.registry.ledger import move_aliases
+
     name = cfg.registry.model_name
-    if alias_version(cfg, CHALLENGER) == version:
-        client.delete_registered_model_alias(name, CHALLENGER)
+    held = alias_version(cfg, CHALLENGER)
+    if held == version:
+        result = move_aliases(cfg, {CHALLENGER: None}, {CHALLENGER: version}, f"rolled back: {reason}", run_key)
+    else:
+        result = aliases(cfg)
+    client = _client()
     client.set_model_version_tag(name, version, "canary.verdict", "rolled_back")
     client.set_model_version_tag(name, version, "canary.reason", reason)
-    return aliases(cfg)
+    return result

@@ -56,3 +56,64 @@ def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "c
     ax.set_title("registered versions (hatched: gate failed; green edge: promoted; red: rolled back)")
     ax.legend()
     return ax
+
+
+def pipeline_runs(cfg: Config, last: int = 10) -> list[dict]:
+    """The last `last` pipeline runs, oldest first: when, how long, how far they got, the gate's and the
+    canary's verdicts, and the challenger's metrics against the champion's on the same test set."""
+    from mlflow import MlflowClient
+
+    from canaryflow.registry.tracking import RUN_KEY_TAG
+
+    experiment_id = configure(cfg)
+    runs = MlflowClient().search_runs(
+        [experiment_id], f"tags.`{RUN_KEY_TAG}` != ''", order_by=["attributes.start_time DESC"], max_results=last
+    )
+    rows = []
+    for run in reversed(runs):
+        tags, metrics, info = run.data.tags, run.data.metrics, run.info
+        ended = info.end_time or info.start_time
+        row = {
+            "run": tags[RUN_KEY_TAG][:12],
+            "started": datetime.fromtimestamp(info.start_time / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "minutes": round((ended - info.start_time) / 60000, 1),
+            "status": tags.get("canaryflow.status", info.status.lower()),
+            "version": tags.get("registered_version", ""),
+            "gate": {"true": "passed", "false": "failed"}.get(tags.get("gate.passed", ""), "-"),
+            "canary": tags.get("canary.verdict", "not run"),
+            "train_loss": metrics.get("final_loss"),
+            "canary_requests": metrics.get("canary_requests"),
+        }
+        for side in ("challenger", "champion"):
+            row.update({f"{side}.{k.split('.', 1)[1]}": v for k, v in metrics.items() if k.startswith(f"{side}.")})
+        rows.append(row)
+    return rows
+
+
+def plot_run_comparison(rows: list[dict], metric: str = "bleu", ax=None):
+    """Each run's challenger against the champion it faced on `metric`, marked by the verdicts, with the
+    run's duration on a second axis: a drift in quality or in time shows at a glance."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.5))
+    xs = list(range(len(rows)))
+    challenger = [r.get(f"challenger.{metric}") for r in rows]
+    champion = [r.get(f"champion.{metric}") for r in rows]
+    ax.plot(xs, [float("nan") if v is None else v for v in champion], "s--", color="tab:gray", label="champion")
+    ax.plot(xs, [float("nan") if v is None else v for v in challenger], "o-", color="tab:blue", label="challenger")
+    for x, row, value in zip(xs, rows, challenger):
+        if value is not None:
+            mark = {"promoted": "promoted", "rolled_back": "rolled back"}.get(row["canary"], f"gate {row['gate']}")
+            ax.annotate(mark, (x, value), textcoords="offset points", xytext=(0, 8), ha="center", fontsize="small")
+    ax.set_xticks(xs, [f"{r['started'][5:16]}\nv{r['version'] or '-'}" for r in rows], fontsize="small")
+    ax.set_ylabel(metric)
+    minutes = ax.twinx()
+    minutes.bar(xs, [r["minutes"] for r in rows], alpha=0.15, color="tab:orange")
+    minutes.set_ylabel("minutes per run")
+    ax.set_zorder(minutes.get_zorder() + 1)  # the lines in front of the duration bars
+    ax.patch.set_visible(False)
+    ax.margins(y=0.15)
+    ax.set_title(f"last {len(rows)} pipeline runs: {metric}, verdicts and duration")
+    ax.legend(loc="lower left", fontsize="small")
+    return ax

@@ -7,7 +7,10 @@ reviewer sees data card, training, evaluation, registration and canary in one pl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import os
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from canaryflow.config import Config
@@ -15,6 +18,23 @@ from canaryflow.errors import CanaryflowError
 
 RUN_KEY_TAG = "canaryflow.run_key"
 DATA_CARD = "data/data_card.json"  # where prepare_data logs the data card in the pipeline run's MLflow run
+
+
+class MlflowUnavailableError(CanaryflowError):
+    """The MLflow store did not answer, after MLflow's own retries with backoff."""
+
+
+# What MLflow's messages say when the store itself did not answer (as opposed to answering "no").
+_DOWN = re.compile(
+    r"Max retries exceeded|Connection refused|Connection aborted|RemoteDisconnected|Read timed out|"
+    r"could not connect to server|server closed the connection|database is locked"
+)
+_CAUSES = (
+    ("Connection refused", "connection refused"),
+    ("too many 5", "it kept answering with server errors"),
+    ("timed out", "requests timed out"),
+    ("database is locked", "the database stayed locked"),
+)
 
 
 def sqlite_uri(workdir: str | Path) -> str:
@@ -32,9 +52,19 @@ def configure(cfg: Config) -> str:
     """Point mlflow at the configured store and return the experiment id (created on first use)."""
     import mlflow
 
-    uri = cfg.mlflow.tracking_uri
+    # On a cluster the URI comes from a Kubernetes Secret as MLFLOW_TRACKING_URI, never from the compiled config.
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise CanaryflowError("mlflow.tracking_uri is not set (the CLI sets it from --workdir)")
+        raise CanaryflowError(
+            "mlflow.tracking_uri is not set (the CLI sets it from --workdir; a cluster step reads MLFLOW_TRACKING_URI "
+            "from the canaryflow-mlflow Secret)"
+        )
+    # MLflow reads these on every request, so the config's retry policy holds for the whole process.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.mlflow.retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(cfg.mlflow.backoff_s)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.mlflow.timeout_s)
+    # Against a server MLflow prints every ended run's URL to stdout, which would corrupt `--json` output.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
@@ -86,5 +116,56 @@ def load_artifact_dict(uri: str) -> dict | None:
 
     try:
         return mlflow.artifacts.load_dict(uri)
-    except (MlflowException, OSError, ValueError):
+    except MlflowException as exc:
+        if unavailable(exc) is not None:  # "the store is down" must not read as "there is no such artifact"
+            raise
         return None
+    except (OSError, ValueError):
+        return None
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why the store did not answer, in a few words, when `exc` says so; None when it answered (with an error)."""
+    text = str(exc)
+    if not _DOWN.search(text):
+        return None
+    return next((why for marker, why in _CAUSES if marker in text), text.splitlines()[0][:160])
+
+
+def unavailable_error(exc: BaseException, doing: str) -> MlflowUnavailableError | None:
+    """One line for a store that did not answer while `doing`, naming where it was looked for; None when
+    `exc` is some other error."""
+    why = unavailable(exc)
+    if why is None:
+        return None
+    found = re.search(r"API request to (\S+?)/api/", str(exc))
+    where = found.group(1) if found else os.environ.get("MLFLOW_TRACKING_URI", "the configured store")
+    # Only the HTTP client retries; a database store answers or fails at once.
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "its default")
+    tried = f", after {retries} {'retry' if retries == '1' else 'retries'} with backoff" if found else ""
+    return MlflowUnavailableError(f"MLflow at {where} did not answer while {doing}: {why}{tried}")
+
+
+def mlflow_step(doing: str) -> Callable:
+    """Decorate a step that talks to MLflow: a store that stays down fails it with one line saying so.
+
+    Every write a step makes is either one request (a model version is created with its tags and
+    description at once) or idempotent on rerun, so a failed step leaves nothing half-written.
+    """
+
+    def wrap(step: Callable) -> Callable:
+        @functools.wraps(step)
+        def guarded(*args, **kwargs):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return step(*args, **kwargs)
+            except MlflowException as exc:
+                error = unavailable_error(exc, doing)
+                if error is None:
+                    raise
+                raise error from None
+
+        return guarded
+
+    return wrap

@@ -1,87 +1,284 @@
-"""The canary controller: replay traffic through the router step by step, judge each step, then promote
+"""The canary controller: shift traffic phase by phase, look after every batch of requests, then promote
 or roll back through the registry.
 
-With no champion yet, the challenger serves alone for a smoke check against the absolute SLOs.
+Phases: an optional shadow phase (the challenger answers a mirror of every request; its answers are
+compared, not returned), then the traffic steps of `canary.steps`. With no champion yet, the challenger
+serves alone for a smoke check against absolute limits. After each batch the sequential tests of
+rollout/analysis.py say promote this phase, roll back, or continue. `drive` is the loop itself, over any
+`Traffic`: the local backend's replayed requests here, simulated variants in rollout/simulate.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from canaryflow import progress
-from canaryflow.config import Config
+from canaryflow.config import CanaryConfig, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import CanaryflowError
 from canaryflow.registry import models
-from canaryflow.rollout.analysis import Observation, judge_step, summarize
+from canaryflow.rollout import analysis
+from canaryflow.rollout.analysis import CONTINUE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
 from canaryflow.rollout.local import LocalBackend, post_json
+from canaryflow.stats import percentile
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def send_one(url: str, text: str, references: list[str], timeout: float) -> Observation:
-    import sacrebleu
+class Traffic(Protocol):
+    """What the controller needs from a backend: move the weights, and get the outcome of more requests."""
 
+    def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
+        """Route by `weights`; with `mirror`, also copy every request to the challenger, whose answers are
+        compared, not returned."""
+
+    def send(self, count: int) -> list[Observation]: ...
+
+    def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]: ...
+
+    def elapsed(self) -> float: ...
+
+
+def _p95(observations: list[Observation], variant: str) -> float | None:
+    return percentile([o.latency_ms for o in observations if o.variant == variant and o.ok], 95)
+
+
+def _timeline_point(started: float, sent: int, phase: str, weight: int, batch: list[Observation], found, look) -> dict:
+    point = {"t_s": round(started, 3), "requests": sent, "phase": phase, "weight": weight, "action": look.action}
+    for variant in (CHAMPION, CHALLENGER):
+        stats = summarize(batch, variant)
+        point[variant] = {"error_rate": stats.error_rate, "p95_ms": stats.p95_ms, "chrf": stats.mean_chrf}
+    point["bounds"] = {b.sli: [round(b.low, 4), round(b.high, 4)] for b in found}
+    return point
+
+
+def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=None) -> dict:
+    """Run the rollout to a verdict over `traffic`; return the verdict, the evidence per phase and the
+    timeline of every look. A rollback leaves the champion with all the traffic; a promotion leaves the
+    challenger with all of it."""
+    evidence = Evidence(policy, has_champion)
+    phases: list[tuple[str, int]] = []
+    if has_champion and policy.shadow_requests:
+        phases.append(("shadow", 0))
+    phases += [("steps", w) for w in policy.steps] if has_champion else [("smoke", 100)]
+    history: list[Observation] = []  # champion latencies so far set the "slow" reference
+    timeline: list[dict] = []
+    results: list[dict] = []
+    sent = 0
+    for phase, weight in phases:
+        mirrored = phase == "shadow"
+        if mirrored:
+            traffic.shift({CHAMPION: 100, CHALLENGER: 0}, mirror=True)
+        else:
+            traffic.shift({CHALLENGER: weight, CHAMPION: 100 - weight} if has_champion else {CHALLENGER: 100})
+        phase_started, step_requests = traffic.elapsed(), 0
+        seen: list[Observation] = []
+        limit = policy.shadow_requests if mirrored else policy.max_requests_per_step
+        while True:
+            if phase == "smoke":
+                reference = policy.max_p95_ms
+            else:
+                reference = _p95(history, CHAMPION)
+            if mirrored:
+                pairs = traffic.send_mirrored(policy.batch_requests)
+                batch = [o for pair in pairs for o in pair]
+                for sli, values in analysis.paired_losses(pairs, reference).items():
+                    evidence.add_pairs(sli, values)
+                step_requests += len(pairs)
+            else:
+                batch = traffic.send(policy.batch_requests)
+                for variant in (CHAMPION, CHALLENGER):
+                    mine = [o for o in batch if o.variant == variant]
+                    for sli, values in analysis.request_losses(mine, reference).items():
+                        evidence.add(variant, sli, values)
+                step_requests += sum(o.variant == CHALLENGER for o in batch)
+            sent += len(pairs) if mirrored else len(batch)
+            history += batch
+            seen += batch
+            found = analysis.bounds(evidence, policy, phase)
+            decision = analysis.look(
+                found, step_requests, traffic.elapsed() - phase_started, policy, limit_requests=limit
+            )
+            timeline.append(_timeline_point(traffic.elapsed(), sent, phase, weight, batch, found, decision))
+            if on_look is not None:
+                on_look(phase, weight, step_requests, decision)
+            if decision.action != CONTINUE:
+                break
+        results.append(
+            {
+                "phase": phase,
+                "weight": weight,
+                "requests": len(seen) // (2 if mirrored else 1),
+                "challenger": summarize(seen, CHALLENGER).to_dict(),
+                "champion": summarize(seen, CHAMPION).to_dict() if has_champion else None,
+                "passed": decision.action == PROMOTE,
+                **decision.to_dict(),
+            }
+        )
+        if decision.action == ROLLBACK:
+            break
+    promoted = decision.action == PROMOTE
+    if has_champion:  # in the smoke check there is no one else to give the traffic to
+        traffic.shift({CHALLENGER: 100, CHAMPION: 0} if promoted else {CHAMPION: 100, CHALLENGER: 0})
+    last = results[-1]
+    where = "shadow phase" if last["phase"] == "shadow" else f"step at {last['weight']}%"
+    failed = [reason for reason in last["reasons"] if reason.startswith("FAIL")]
+    return {
+        "mode": "canary" if has_champion else "smoke",
+        "verdict": "promoted" if promoted else "rolled_back",
+        "reason": f"all {len(results)} phase(s) passed" if promoted else f"{where}: " + "; ".join(failed),
+        "requests": sent,
+        "requests_to_decision": sent,
+        "steps": results,
+        "timeline": timeline,
+    }
+
+
+def send_one(url: str, text: str, references: list[str], timeout: float) -> tuple[Observation, str | None]:
+    """One request through the router: its outcome, and the router's request id (to pair a mirrored answer)."""
     started = time.perf_counter()
     try:
         status, body, headers = post_json(url + "/predict", json.dumps({"inputs": [text]}).encode(), timeout)
     except OSError:
         # The router itself did not answer; count it against nobody rather than guess a variant.
-        return Observation("unrouted", False, (time.perf_counter() - started) * 1000)
+        return Observation("unrouted", False, (time.perf_counter() - started) * 1000), None
     latency_ms = (time.perf_counter() - started) * 1000
-    variant = headers.get("X-Canary-Variant", "unrouted")
+    return score_answer(headers.get("X-Canary-Variant", "unrouted"), status, body, latency_ms, references), (
+        headers.get("X-Request-Id")
+    )
+
+
+def score_answer(variant: str, status: int, body: bytes, latency_ms: float, references: list[str]) -> Observation:
+    import sacrebleu
+
     if status != 200:
         return Observation(variant, False, latency_ms)
     try:
         prediction = json.loads(body)["predictions"][0]
     except (ValueError, KeyError, IndexError, TypeError):
         return Observation(variant, False, latency_ms)
-    return Observation(variant, True, latency_ms, sacrebleu.sentence_chrf(prediction, references).score)
+    chrf = sacrebleu.sentence_chrf(prediction, references).score if references else None
+    return Observation(variant, True, latency_ms, chrf)
 
 
-class Replayer:
-    """Replays test inputs (cycling) through the router, `concurrency` requests at a time."""
+class ReplayedTraffic:
+    """Traffic for the local backend: test inputs replayed (cycling) through the router, `concurrency`
+    requests at a time."""
 
-    def __init__(self, url: str, inputs: list[str], references: list[list[str]], concurrency: int, timeout: float):
-        self.url = url
+    def __init__(self, backend: LocalBackend, inputs: list[str], references: list[list[str]], policy: CanaryConfig):
+        self.backend = backend
         self._items = itertools.cycle(list(zip(inputs, references)))
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="replay")
-        self._timeout = timeout
-        self.sent = 0
+        self._pool = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="replay")
+        self._timeout = policy.request_timeout_s
+        self._started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+    def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
+        router = self.backend.router
+        router.set_weights({k: v for k, v in weights.items() if k in router.backends})
+        router.set_mirror(CHAMPION, CHALLENGER) if mirror else router.set_mirror(None, None)
+
+    def _send(self, count: int):
+        items = [next(self._items) for _ in range(count)]
+        url = self.backend.router.url
+        answers = list(self._pool.map(lambda item: send_one(url, item[0], item[1], self._timeout), items))
+        return items, answers
 
     def send(self, count: int) -> list[Observation]:
-        items = [next(self._items) for _ in range(count)]
-        self.sent += count
-        return list(self._pool.map(lambda item: send_one(self.url, item[0], item[1], self._timeout), items))
+        return [observation for observation, _ in self._send(count)[1]]
+
+    def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
+        items, answers = self._send(count)
+        pairs = []
+        for (_, references), (champion, request_id) in zip(items, answers):
+            shadow = self.backend.router.mirrored(request_id, self._timeout) if request_id else None
+            if shadow is None:  # the mirror never came back: the challenger failed this request
+                challenger = Observation(CHALLENGER, False, self._timeout * 1000)
+            else:
+                challenger = score_answer(CHALLENGER, shadow.status, shadow.body, shadow.latency_ms, references)
+            pairs.append((champion, challenger))
+        return pairs
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-def _run_step(replayer: Replayer, cfg: Config, weight: int, has_champion: bool) -> dict:
-    policy = cfg.canary
-    observations: list[Observation] = []
-    batch = policy.concurrency * 4
-    target = policy.min_requests_per_step if has_champion else policy.smoke_requests
-    while True:
-        observations += replayer.send(batch)
-        challenger = summarize(observations, CHALLENGER)
-        progress.emit("canary", min(challenger.requests, target), target, weight=weight)
-        if challenger.requests >= target or len(observations) >= policy.max_requests_per_step:
-            break
-    champion = summarize(observations, CHAMPION) if has_champion else None
-    decision = judge_step(challenger, champion, policy)
-    return {
-        "weight": weight,
-        "requests": len(observations),
-        "challenger": challenger.to_dict(),
-        "champion": champion.to_dict() if champion else None,
-        **decision.to_dict(),
+def _spread(count: int, marked: int) -> list[bool]:
+    """`marked` of `count` flags spread evenly: a scrape window's counts carry no order within it."""
+    return [(i + 1) * marked // count > i * marked // count for i in range(count)] if count else []
+
+
+class KServeTraffic:
+    """Traffic for the KServe backend: live requests, counted per look from Prometheus."""
+
+    def __init__(self, backend, policy: CanaryConfig, sleep=time.sleep, clock=time.monotonic):
+        self.backend = backend
+        self.policy = policy
+        self._sleep, self._clock = sleep, clock
+        self._started = self._last = clock()
+        self._champion_p95: float | None = None
+
+    def elapsed(self) -> float:
+        return self._clock() - self._started
+
+    def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
+        self.backend.set_weight(weights.get(CHALLENGER, 0))
+
+    def send(self, count: int) -> list[Observation]:
+        self._sleep(self.policy.kserve.look_interval_s)
+        now = self._clock()
+        # "Slow" is judged against the champion's p95 of the look before, as the local backend does.
+        counts = self.backend.read(now - self._last, self._champion_p95 or self.policy.max_p95_ms)
+        self._last = now
+        if counts[CHAMPION].p95_ms is not None:
+            self._champion_p95 = counts[CHAMPION].p95_ms
+        batch = []
+        for variant, c in counts.items():
+            failed, slow = _spread(c.requests, c.errors), _spread(c.requests, c.slow)
+            batch += [Observation(variant, not f, c.p95_ms or 0.0, None, s) for f, s in zip(failed, slow)]
+        return batch
+
+    def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
+        raise CanaryflowError("KServe's canary does not mirror requests: the shadow phase needs the local backend")
+
+
+def run_kserve_canary(cfg: Config, version: str, champion_version: str, sleep=time.sleep, api=None, prometheus=None):
+    """The rollout on the InferenceService: deploy the challenger at 0 %, step it up on Prometheus' SLIs,
+    then promote it (the canary percentage removed) or roll it back (0 % and the champion's storage)."""
+    from mlflow import MlflowClient
+
+    from canaryflow.rollout.kserve import KServeBackend, storage_uri
+
+    client, name = MlflowClient(), cfg.registry.model_name
+    destination = cfg.canary.kserve.artifacts_destination
+    storage = {
+        v: storage_uri(client.get_model_version_download_uri(name, v), destination) for v in (version, champion_version)
     }
+    backend = KServeBackend(cfg, api=api, prometheus=prometheus, sleep=sleep)
+    started = time.perf_counter()
+    try:
+        backend.deploy(storage[champion_version], storage[version])
+        result = drive(cfg.canary, KServeTraffic(backend, cfg.canary, sleep=sleep), True)
+        backend.promote() if result["verdict"] == "promoted" else backend.rollback()
+    except BaseException:
+        # Whatever failed, the champion gets all the traffic back; a rollback that fails too (the API server
+        # is gone) must not hide the first error, which is the one to act on.
+        with contextlib.suppress(Exception):
+            backend.rollback()
+        raise
+    promoted = result["verdict"] == "promoted"
+    result["router_weights"] = {CHALLENGER: 100, CHAMPION: 0} if promoted else {CHAMPION: 100, CHALLENGER: 0}
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    result["backend"] = backend.where
+    return result
 
 
 def run_canary(
@@ -91,46 +288,83 @@ def run_canary(
     inputs: list[str],
     references: list[list[str]],
     log_dir: Path,
+    faults: dict[str, str] | None = None,
+    reporter=progress.emit,
 ) -> dict:
-    """Run the rollout steps on the local backend; return verdict ('promoted' | 'rolled_back') and evidence."""
+    """Run the rollout on the local backend; return verdict ('promoted' | 'rolled_back') and evidence, and
+    the weights the router was left with (`router_weights`)."""
     servers = {CHALLENGER: challenger}
     if champion is not None:
         servers[CHAMPION] = champion
-    weights = cfg.canary.steps if champion is not None else [100]
-    steps: list[dict] = []
+    policy = cfg.canary
     started = time.perf_counter()
     # The servers resolve models:/ URIs themselves, so they get the same store explicitly.
     env = {"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri} if cfg.mlflow.tracking_uri else {}
+
+    def report(phase: str, weight: int, requests: int, decision) -> None:
+        target = policy.min_requests_per_step
+        reporter("canary", min(requests, target), target, weight=weight, phase=phase, action=decision.action)
+
     with LocalBackend(
-        servers, cfg.canary.num_threads, cfg.canary.server_start_timeout_s, cfg.canary.request_timeout_s, log_dir, env
+        servers,
+        policy.num_threads,
+        policy.server_start_timeout_s,
+        policy.request_timeout_s,
+        log_dir,
+        env,
+        faults=faults,
     ) as backend:
-        replayer = Replayer(
-            backend.router.url, inputs, references, cfg.canary.concurrency, cfg.canary.request_timeout_s
-        )
+        traffic = ReplayedTraffic(backend, inputs, references, policy)
         try:
-            for weight in weights:
-                split = {CHALLENGER: weight, CHAMPION: 100 - weight} if champion is not None else {CHALLENGER: 100}
-                backend.router.set_weights(split)
-                step = _run_step(replayer, cfg, weight, champion is not None)
-                steps.append(step)
-                if not step["passed"]:
-                    break
+            result = drive(policy, traffic, champion is not None, on_look=report)
+            result["router_weights"] = dict(backend.router.weights)
         finally:
-            replayer.close()
-    passed = bool(steps) and all(step["passed"] for step in steps) and len(steps) == len(weights)
-    last = steps[-1]
-    failed = [reason for reason in last["reasons"] if reason.startswith("FAIL")]
-    return {
-        "mode": "canary" if champion is not None else "smoke",
-        "verdict": "promoted" if passed else "rolled_back",
-        "reason": (
-            f"all {len(steps)} step(s) passed" if passed else f"step at {last['weight']}%: " + "; ".join(failed)
-        ),
-        "requests": sum(step["requests"] for step in steps),
-        "requests_to_decision": sum(step["requests"] for step in steps),
-        "seconds": round(time.perf_counter() - started, 2),
-        "steps": steps,
-    }
+            traffic.close()
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def plot_timeline(result: dict):
+    """The traffic weight and each SLI per look over time, with the decision points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = result["timeline"]
+    t = [p["t_s"] for p in timeline]
+    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
+    axes[0].step(t, [p["weight"] if p["phase"] != "shadow" else 0 for p in timeline], where="post", color="black")
+    axes[0].set_ylabel("challenger\ntraffic %")
+    panels = (("error_rate", "error rate"), ("p95_ms", "p95 ms (batch)"), ("chrf", "online chrF"))
+    for ax, (key, label) in zip(axes[1:], panels):
+        for variant, colour in ((CHAMPION, "tab:blue"), (CHALLENGER, "tab:orange")):
+            ys = [p[variant][key] for p in timeline]
+            ax.plot(t, [float("nan") if y is None else y for y in ys], marker=".", color=colour, label=variant)
+        ax.set_ylabel(label)
+    axes[1].legend(loc="upper left", fontsize="small")
+    for point in timeline:
+        if point["action"] != CONTINUE:
+            colour = "tab:green" if point["action"] == PROMOTE else "tab:red"
+            for ax in axes:
+                ax.axvline(point["t_s"], color=colour, linestyle="--", linewidth=1)
+            axes[0].annotate(point["action"], (point["t_s"], 102), fontsize="small", color=colour, rotation=90)
+    axes[-1].set_xlabel("seconds since the canary began")
+    fig.suptitle(
+        f"canary: {result['verdict']} after {result['requests_to_decision']} requests ({result['reason']})"[:110]
+    )
+    fig.tight_layout()
+    return fig
+
+
+def save_timeline(result: dict, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = plot_timeline(result)
+    path = out / "timeline.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str, out_dir: str | Path) -> dict:
@@ -144,15 +378,21 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
         raise CanaryflowError(f"version {version} is already the champion")
     test = read_pairs(data_dir, "test")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_canary(
-            cfg,
-            (models.model_uri(cfg, version), version),
-            (models.model_uri(cfg, champion_version), champion_version) if champion_version else None,
-            list(test["input"]),
-            [list(refs) for refs in test["references"]],
-            out / "logs",
-        )
+        # With no champion even a cluster smoke-checks the first version on a model server in the step's
+        # own pod: there is nothing for KServe to split traffic with yet.
+        if cfg.canary.backend == "kserve" and champion_version is not None:
+            result = run_kserve_canary(cfg, version, champion_version)
+        else:
+            result = run_canary(
+                cfg,
+                (models.model_uri(cfg, version), version),
+                (models.model_uri(cfg, champion_version), champion_version) if champion_version else None,
+                list(test["input"]),
+                [list(refs) for refs in test["references"]],
+                out / "logs",
+            )
     except Exception as exc:
         # No verdict is a rollback: the challenger must not keep its alias as if it were still in canary.
         models.reject(cfg, version, f"canary could not run: {exc}")
@@ -162,11 +402,12 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
     if result["verdict"] == "promoted":
         result["aliases"] = models.promote(cfg, version, champion_version, result["reason"], run_key)
     else:
-        result["aliases"] = models.reject(cfg, version, result["reason"])
-    out.mkdir(parents=True, exist_ok=True)
+        result["aliases"] = models.reject(cfg, version, result["reason"], run_key)
     (out / "canary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    timeline = save_timeline(result, out)
     with pipeline_run(cfg, run_key):
         mlflow.log_dict(result, "canary/canary.json")
+        mlflow.log_artifact(str(timeline), "canary")
         mlflow.log_metrics({"canary_requests": result["requests"], "canary_seconds": result["seconds"]})
         mlflow.set_tag("canary.verdict", result["verdict"])
     return result

@@ -2,11 +2,14 @@
 
 Each model server is its own process (`canaryflow.serving.server`), as a KServe predictor would be. The
 router runs in-process, forwards each /predict to one variant chosen by weight, and tags the answer
-with `X-Canary-Variant`. Its weights change at run time.
+with `X-Canary-Variant` and `X-Request-Id`. Its weights change at run time; in mirror mode every request
+goes to one variant and a copy to another (a shadow step), whose answer the controller claims by request id.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import random
 import subprocess
@@ -16,10 +19,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from canaryflow.errors import CanaryflowError
-from canaryflow.serving.http import RequestError, ServiceHandler, serve_in_thread
+from canaryflow.errors import BadInputError, CanaryflowError
+from canaryflow.serving.faults import parse_fault
+from canaryflow.serving.http import (
+    LATENCY_BUCKETS,
+    ConnectionPool,
+    RequestError,
+    ServiceHandler,
+    parse_json_object,
+    serve_in_thread,
+)
 
 
 def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, dict]:
@@ -34,8 +49,16 @@ def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, dict]:
 
 class ModelServerProcess:
     def __init__(
-        self, model_uri: str, variant: str, model_version: str, num_threads: int, log_dir: Path, env: dict[str, str]
+        self,
+        model_uri: str,
+        variant: str,
+        model_version: str,
+        num_threads: int,
+        log_dir: Path,
+        env: dict[str, str],
+        fault: str = "none",
     ):
+        parse_fault(fault)  # a bad spec is the caller's mistake: say so here, not as a server that died starting
         self.variant = variant
         self._port_file = Path(tempfile.mkdtemp(prefix=f"canaryflow-{variant}-")) / "port"
         self.log_path = log_dir / f"server-{variant}.log"
@@ -55,6 +78,8 @@ class ModelServerProcess:
                 str(num_threads),
                 "--port-file",
                 str(self._port_file),
+                "--fault",
+                fault,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -84,16 +109,57 @@ class ModelServerProcess:
         self._log.close()
 
 
+@dataclass(frozen=True)
+class MirrorResult:
+    """The shadow's answer to a mirrored request; status 502 when the shadow could not be reached."""
+
+    status: int
+    latency_ms: float
+    body: bytes
+
+
 class Router:
-    """Weighted router over named backends; weights are percentages and change at run time."""
+    """Weighted router over named backends; weights are percentages and change at run time.
 
-    def __init__(self, backends: dict[str, str], timeout: float, seed: int = 0):
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+    Limits, so that no client can take the process down: bodies over the server's limit get 413, bodies that
+    are not a JSON object 400 (the original bytes are what is forwarded), and requests beyond `max_in_flight`
+    503 at once. Mirror results wait to be claimed, at most `mirror_cap` of them; the oldest go first.
+    """
 
+    # Seconds a client connection may sit silent before its thread is freed: an idle or stuck client must not
+    # hold a thread for ever.
+    CLIENT_IDLE_TIMEOUT_S = 60
+
+    def __init__(
+        self,
+        backends: dict[str, str],
+        timeout: float,
+        seed: int = 0,
+        *,
+        max_in_flight: int = 64,
+        mirror_cap: int = 1024,
+    ):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        if max_in_flight < 1 or mirror_cap < 1:
+            raise ValueError(f"max_in_flight and mirror_cap must be >= 1: {max_in_flight}, {mirror_cap}")
         self.backends = dict(backends)
         self.weights = {name: 0 for name in backends}
+        self.mirror: tuple[str, str] | None = None
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.mirror_cap = mirror_cap
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._pools = {name: ConnectionPool(url, timeout, max_idle=max_in_flight) for name, url in backends.items()}
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        # Shadow copies have their own bound: a slow shadow drops copies rather than queueing without end.
+        self._shadow_slots = threading.BoundedSemaphore(max_in_flight)
+        self._shadows = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="router-shadow")
+        self._mirror_done = threading.Condition()
+        self._mirror_results: OrderedDict[str, MirrorResult] = OrderedDict()
+        self._mirror_pending: set[str] = set()
+
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "canaryflow_router_requests",
@@ -101,10 +167,37 @@ class Router:
             ("variant", "code"),
             registry=self.registry,
         )
+        self._latency = Histogram(
+            "canaryflow_router_latency_seconds",
+            "Upstream answer time of routed requests, as the router saw it.",
+            ("variant",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._mirrored = Counter(
+            "canaryflow_router_mirrored_requests",
+            "Copies sent to the shadow in mirror mode, by variant and status; code 'dropped' when the shadow "
+            "was too far behind to take one.",
+            ("variant", "code"),
+            registry=self.registry,
+        )
+        self._mirror_latency = Histogram(
+            "canaryflow_router_mirror_latency_seconds",
+            "Answer time of the shadow's copies.",
+            ("variant",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._in_flight = Gauge("canaryflow_router_in_flight", "Requests being answered now.", registry=self.registry)
+        self._rejected = Counter(
+            "canaryflow_router_rejected_requests",
+            "Requests refused before routing, by reason: too_large (413), malformed (400), overloaded (503).",
+            ("reason",),
+            registry=self.registry,
+        )
         self._weight = Gauge(
             "canaryflow_router_weight_percent", "Traffic weight per variant.", ("variant",), registry=self.registry
         )
-        self.timeout = timeout
         self.server = serve_in_thread(self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -117,6 +210,16 @@ class Router:
         for name, weight in self.weights.items():
             self._weight.labels(name).set(weight)
 
+    def set_mirror(self, primary: str | None, shadow: str | None) -> None:
+        """Send every request to `primary`, whose answer the client gets, and a copy to `shadow` in the
+        background; `set_mirror(None, None)` goes back to the weights."""
+        if (primary is None) != (shadow is None):
+            raise ValueError("set_mirror takes both a primary and a shadow, or neither")
+        if primary is not None and (primary == shadow or {primary, shadow} - set(self.backends)):
+            raise ValueError(f"mirror needs two different variants of {sorted(self.backends)}: {primary}, {shadow}")
+        with self._lock:
+            self.mirror = (primary, shadow) if primary is not None else None
+
     def pick(self) -> str:
         with self._lock:
             roll = self._rng.uniform(0, 100)
@@ -127,34 +230,114 @@ class Router:
                     return name
             return next(name for name, weight in self.weights.items() if weight)
 
+    def mirrored(self, request_id: str, timeout: float) -> MirrorResult | None:
+        """The shadow's answer to the request the router tagged `request_id`, claimed once; None when there was
+        no copy (not mirrored, dropped, or claimed already), it was evicted unclaimed, or it is not back in time."""
+        deadline = time.monotonic() + timeout
+        with self._mirror_done:
+            while request_id not in self._mirror_results:
+                remaining = deadline - time.monotonic()
+                if request_id not in self._mirror_pending or remaining <= 0:
+                    return None
+                self._mirror_done.wait(remaining)
+            return self._mirror_results.pop(request_id)
+
+    def _forward(self, variant: str, body: bytes, request_id: str) -> tuple[int, bytes, str, float]:
+        """POST to a variant; (status, body, content type, seconds). An unreachable backend is a 502."""
+        started = time.perf_counter()
+        try:
+            status, payload, headers = self._pools[variant].request(
+                "POST", "/predict", body, {"X-Request-Id": request_id}
+            )
+            kind = headers.get("Content-Type", "application/json")
+        except (OSError, http.client.HTTPException) as exc:  # down, timed out, or broke off mid-answer
+            status, kind = 502, "application/json"
+            payload = json.dumps({"error": f"upstream {variant}: {exc}"}).encode()
+        return status, payload, kind, time.perf_counter() - started
+
+    def _shadow(self, variant: str, body: bytes, request_id: str) -> None:
+        result = None
+        try:
+            status, payload, _, seconds = self._forward(variant, body, request_id)
+            self._mirrored.labels(variant, str(status)).inc()
+            self._mirror_latency.labels(variant).observe(seconds)
+            result = MirrorResult(status, round(seconds * 1000, 3), payload)
+        finally:
+            self._shadow_slots.release()
+            self._settle(request_id, result)  # even on a surprise, so mirrored() never waits on a lost copy
+
+    def _settle(self, request_id: str, result: MirrorResult | None) -> None:
+        with self._mirror_done:
+            self._mirror_pending.discard(request_id)
+            if result is not None:
+                self._mirror_results[request_id] = result
+                while len(self._mirror_results) > self.mirror_cap:
+                    self._mirror_results.popitem(last=False)
+            self._mirror_done.notify_all()
+
+    def _send_copy(self, shadow: str, body: bytes, request_id: str) -> None:
+        if not self._shadow_slots.acquire(blocking=False):
+            self._mirrored.labels(shadow, "dropped").inc()
+            return
+        with self._mirror_done:
+            self._mirror_pending.add(request_id)  # before the client's answer, so mirrored() knows to wait
+        try:
+            self._shadows.submit(self._shadow, shadow, body, request_id)
+        except RuntimeError:  # the router is stopping
+            self._shadow_slots.release()
+            self._settle(request_id, None)
+
     def _handler(self):
         router = self
 
         class RouterHandler(ServiceHandler):
             registry = router.registry
+            timeout = router.CLIENT_IDLE_TIMEOUT_S
 
             def health(self) -> dict:
-                return {"weights": router.weights}
+                return {"weights": router.weights, "mirror": router.mirror}
 
             def predict(self) -> None:
-                variant = router.pick()
+                request_id = uuid.uuid4().hex
+                ids = {"X-Request-Id": request_id}
+                if not router._slots.acquire(blocking=False):
+                    self.discard_body()
+                    router._rejected.labels("overloaded").inc()
+                    self.send_json(503, {"error": f"over {router.max_in_flight} requests in flight"}, ids)
+                    return
+                router._in_flight.inc()
                 try:
-                    status, body, headers = post_json(
-                        router.backends[variant] + "/predict", self.read_body(), router.timeout
-                    )
-                    kind = headers.get("Content-Type", "application/json")
+                    self._route(ids)
+                finally:
+                    router._in_flight.dec()
+                    router._slots.release()
+
+            def _route(self, ids: dict) -> None:
+                try:
+                    body = self.read_body()
+                    parse_json_object(body)
                 except RequestError as exc:
-                    status, body, kind = exc.status, str(exc).encode(), "text/plain"
-                except OSError as exc:  # the backend is down or timed out: the client sees a 502
-                    status, body, kind = 502, f"upstream {variant}: {exc}".encode(), "text/plain"
+                    router._rejected.labels("too_large" if exc.status == 413 else "malformed").inc()
+                    self.send_json(exc.status, {"error": str(exc)}, ids)
+                    return
+                with router._lock:
+                    mirror = router.mirror
+                variant = mirror[0] if mirror else router.pick()
+                if mirror:
+                    router._send_copy(mirror[1], body, ids["X-Request-Id"])
+                status, payload, kind, seconds = router._forward(variant, body, ids["X-Request-Id"])
                 router._requests.labels(variant, str(status)).inc()
-                self.send_bytes(status, body, kind, {"X-Canary-Variant": variant})
+                router._latency.labels(variant).observe(seconds)
+                self.send_bytes(status, payload, kind, {"X-Canary-Variant": variant, **ids})
 
         return RouterHandler
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self._shadows.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.close()
 
 
 class LocalBackend:
@@ -168,7 +351,14 @@ class LocalBackend:
         request_timeout: float,
         log_dir: Path,
         env: dict[str, str] | None = None,
+        faults: dict[str, str] | None = None,
     ):
+        unknown = set(faults or {}) - set(servers)
+        if unknown:
+            raise BadInputError(f"faults name no server: {sorted(unknown)}; the servers are {sorted(servers)}")
+        for spec in (faults or {}).values():
+            parse_fault(spec)
+        self._faults = faults or {}  # variant -> fault spec, for drills
         self._specs = servers  # variant -> (model uri, model version)
         self._env = env or {}
         self._num_threads = num_threads
@@ -183,7 +373,13 @@ class LocalBackend:
         try:
             for variant, (uri, version) in self._specs.items():
                 self.servers[variant] = ModelServerProcess(
-                    uri, variant, version, self._num_threads, self._log_dir, self._env
+                    uri,
+                    variant,
+                    version,
+                    self._num_threads,
+                    self._log_dir,
+                    self._env,
+                    self._faults.get(variant, "none"),
                 )
             deadline = time.monotonic() + self._start_timeout
             urls = {variant: server.wait_ready(deadline) for variant, server in self.servers.items()}

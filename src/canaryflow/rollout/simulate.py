@@ -1,0 +1,73 @@
+"""Simulated canary traffic: the controller's own loop (rollout/controller.drive) run against synthetic
+variants instead of model servers, to measure a policy's false-rollback rate and how many requests it needs
+(tests/unit/test_analysis.py, benchmarks/canary.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from canaryflow.rollout.analysis import Observation
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one simulated model behaves: its error rate, a log-normal latency, and per-request chrF."""
+
+    error_rate: float = 0.01
+    latency_ms: float = 120.0  # median
+    latency_sigma: float = 0.35
+    chrf: float = 55.0  # mean per-request chrF
+    chrf_sd: float = 15.0
+
+    def degraded(self, errors: float, latency: float, quality: float) -> Variant:
+        """The bad canary of the benchmark: error rate set to `errors`, latency and chrF scaled."""
+        return replace(self, error_rate=errors, latency_ms=self.latency_ms * latency, chrf=self.chrf * quality)
+
+
+class SimulatedTraffic:
+    """The `Traffic` the controller drives, with each request's outcome drawn from its variant's profile."""
+
+    def __init__(self, champion: Variant, challenger: Variant, seed: int):
+        self.variants = {"champion": champion, "challenger": challenger}
+        self.rng = np.random.default_rng(seed)
+        self.weights = {"champion": 100, "challenger": 0}
+        self.mirror = False
+        self.sent = 0
+        self.clock = 0.0
+
+    def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
+        self.weights = {"champion": 0, "challenger": 0, **weights}
+        self.mirror = mirror
+
+    def elapsed(self) -> float:
+        return self.clock
+
+    def _one(self, variant: str, difficulty: float) -> Observation:
+        v = self.variants[variant]
+        latency = float(v.latency_ms * np.exp(v.latency_sigma * self.rng.standard_normal()))
+        if self.rng.random() < v.error_rate:
+            return Observation(variant, False, latency)
+        chrf = float(np.clip(v.chrf + difficulty * v.chrf_sd, 0, 100))
+        return Observation(variant, True, latency, chrf)
+
+    def send(self, count: int) -> list[Observation]:
+        share = self.weights["challenger"] / 100
+        self.sent += count
+        self.clock += count / 50  # 50 requests a second, for the step time limit
+        return [
+            self._one("challenger" if self.rng.random() < share else "champion", self.rng.standard_normal())
+            for _ in range(count)
+        ]
+
+    def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
+        self.sent += count
+        self.clock += count / 50
+        # The same input for both: its difficulty is shared, which is what pairing cancels.
+        pairs = []
+        for _ in range(count):
+            difficulty = self.rng.standard_normal()
+            pairs.append((self._one("champion", difficulty), self._one("challenger", difficulty)))
+        return pairs

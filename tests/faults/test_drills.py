@@ -1,0 +1,73 @@
+"""Canary drills: the champion against itself, with a challenger that misbehaves on purpose.
+
+Each fault must end in a rollback with the champion taking all the traffic and the registry untouched;
+a healthy challenger must be promoted. They run against the registry the shared lifecycle run built.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from canaryflow.config import load_config
+from canaryflow.registry import ledger, models
+from canaryflow.rollout.drill import canary_drill
+from canaryflow.runner import with_workdir
+from tests.conftest import QUICK_CANARY, quick_canary_args, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def drill_registry(lifecycle_run):
+    workdir, _ = lifecycle_run
+    cfg = with_workdir(load_config(overrides=QUICK_CANARY), workdir)
+    return cfg, workdir
+
+
+def _registry_state(cfg) -> tuple[dict, int]:
+    return models.aliases(cfg), len(ledger.history(cfg))
+
+
+@pytest.mark.parametrize("fault", ["errors=0.1", "latency_ms=300", "crash-after=15"])
+def test_a_faulty_challenger_is_rolled_back_and_the_champion_keeps_the_traffic(drill_registry, fault):
+    cfg, workdir = drill_registry
+    before = _registry_state(cfg)
+    result = canary_drill(cfg, workdir, fault)
+    assert result["verdict"] == "rolled_back" and result["caught"] is True, result["reason"]
+    assert result["router_weights"] == {"champion": 100, "challenger": 0}
+    assert _registry_state(cfg) == before  # no alias moved, nothing written to the ledger
+    assert result["requests_to_decision"] <= 1200  # a healthy challenger needs about as many to be promoted
+    assert result["steps"][-1]["action"] == "rollback" and result["steps"][-1]["weight"] == 50
+    run = MlflowClient().get_run(result["mlflow_run_id"])
+    assert run.data.tags["fault"] == fault and run.data.tags["verdict"] == "rolled_back"
+    assert (workdir / result["artifacts"] / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_healthy_challenger_is_promoted_and_the_registry_is_untouched(drill_registry):
+    cfg, workdir = drill_registry
+    before = _registry_state(cfg)
+    result = canary_drill(cfg, workdir, "none")
+    assert result["verdict"] == "promoted" and result["caught"] is True, result["reason"]
+    assert result["router_weights"] == {"champion": 0, "challenger": 100}
+    assert [step["weight"] for step in result["steps"]] == [50, 100]
+    assert _registry_state(cfg) == before
+
+
+def test_the_drill_command_reports_json_and_a_shadow_phase_catches_garbage_before_users_see_it(drill_registry):
+    cfg, workdir = drill_registry
+    before = _registry_state(cfg)
+    args = ("canary", "drill", "--fault", "quality=garbage", "--json", "--workdir", str(workdir))
+    done = run_cli(*args, *quick_canary_args(), "--set", "canary.shadow_requests=300")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["verdict"] == "rolled_back" and isinstance(result["requests_to_decision"], int)
+    assert "online chrF" in result["reason"] and result["reason"].startswith("shadow phase")
+    # Mirrored, not routed: every answer users got came from the champion.
+    (shadow,) = result["steps"]
+    assert shadow["phase"] == "shadow" and shadow["champion"]["requests"] == shadow["requests"]
+    assert shadow["challenger"]["requests"] == shadow["requests"]  # and each was mirrored to the challenger
+    assert result["router_weights"] == {"champion": 100, "challenger": 0}
+    assert _registry_state(cfg) == before

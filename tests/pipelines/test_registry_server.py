@@ -1,0 +1,80 @@
+"""Server mode: the registry against a real `mlflow server` on loopback, over SQLite and over PostgreSQL
+(skipped, with the reason, where no throwaway PostgreSQL cluster can start). Artifacts go through the
+server's proxy (`--default-artifact-root mlflow-artifacts:/`), as on a cluster."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from mlflow import MlflowClient
+
+from canaryflow.config import load_config
+from canaryflow.registry import ledger, models
+from tests.conftest import run_cli
+from tests.racing import race
+
+
+def _server_config(server, name: str):
+    return load_config(
+        overrides=[f"mlflow.tracking_uri={server.url}", f"registry.model_name={name}", f"registry.lock={server.lock}"]
+    )
+
+
+def _evaluation(passed: bool) -> dict:
+    return {
+        "metrics": {"challenger": {"bleu": 30.0, "chrf": 44.0}, "champion": None},
+        "champion_version": None,
+        "gate": {"passed": passed, "reasons": ["ok bleu floor: 30.00 >= floor 15.00"]},
+    }
+
+
+def test_registering_over_http_carries_lineage_and_a_rerun_registers_nothing(server, trained, tmp_path):
+    name = f"srv-{uuid.uuid4().hex[:6]}"
+    cfg = _server_config(server, name)
+    lineage = {"data_hash": "d" * 64, "config_hash": "c" * 16, "base_model": "tiny-t5", "train.steps": "40"}
+    version = models.register_candidate(cfg, "srv-run", trained[0], _evaluation(True), lineage)
+    assert models.register_candidate(cfg, "srv-run", trained[0], _evaluation(True), lineage) == version
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == [version]
+    mv = client.get_model_version(name, version)
+    for key in ("canaryflow.run_key", "git_commit", "data_hash", "config_hash", "base_model", "train.steps"):
+        assert mv.tags[key], key
+    assert mv.tags["gate.passed"] == "true" and mv.tags["canaryflow.idempotency_key"] == "srv-run"
+    assert "Gate: passed." in mv.description
+    assert models.aliases(cfg)["challenger"] == version
+    # The model's files went through the server's artifact proxy and come back whole.
+    model_dir = models.download_model_dir(cfg, models.model_uri(cfg, version), tmp_path / "dl")
+    assert (model_dir / "model.safetensors").stat().st_size == (trained[0] / "model.safetensors").stat().st_size
+
+
+def test_two_processes_racing_through_the_server_exactly_one_wins(server, tmp_path):
+    race(_server_config(server, f"race-{uuid.uuid4().hex[:6]}"), tmp_path)
+
+
+def test_rollback_and_history_from_the_cli_against_the_server(server, tmp_path):
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    cfg = _server_config(server, name)
+    winner = race(cfg, tmp_path)  # leaves a champion with a previous champion
+    before = models.aliases(cfg)
+    common = [
+        "--tracking-uri",
+        server.url,
+        "--set",
+        f"registry.model_name={name}",
+        "--set",
+        f"registry.lock={server.lock}",
+    ]
+    done = run_cli("rollback", "--reason", "pager: p99 over budget", "--json", *common)
+    assert done.returncode == 0, done.stderr
+    after = json.loads(done.stdout)
+    assert after["champion"] == before["previous-champion"] and after["previous-champion"] == winner
+    shown = run_cli("registry", "history", "--json", *common)
+    assert shown.returncode == 0, shown.stderr
+    moves = [m for m in json.loads(shown.stdout) if m["alias"] == "champion"]
+    assert [(m["from_version"], m["to_version"]) for m in moves] == [
+        (before["previous-champion"], winner),
+        (winner, before["previous-champion"]),
+    ]
+    assert moves[-1]["reason"] == "pager: p99 over budget"
+    assert ledger.history(cfg, "champion")[-1]["to_version"] == after["champion"]
