@@ -80,7 +80,7 @@ def main() -> None:
         f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
         f"{summary['canary']['requests']} requests; challenger BLEU "
         f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
-        "Reproduce: `make bench` (about 6 minutes).",
+        "Reproduce: `.venv/bin/python benchmarks/run_make_run.py` (about 6 minutes); `make bench` runs them all.",
     ]
     print(write_section(BEGIN, END, lines))
 

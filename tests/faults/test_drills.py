@@ -43,6 +43,7 @@ def test_a_faulty_challenger_is_rolled_back_and_the_champion_keeps_the_traffic(d
     assert result["steps"][-1]["action"] == "rollback" and result["steps"][-1]["weight"] == 50
     run = MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.tags["fault"] == fault and run.data.tags["verdict"] == "rolled_back"
+    assert run.info.artifact_uri.startswith((workdir / "mlartifacts").resolve().as_uri())  # not the cwd's mlruns/
     assert (workdir / result["artifacts"] / "timeline.png").stat().st_size > 10_000
 
 

@@ -115,16 +115,9 @@ def _who() -> str:
 
 
 def _ledger_experiment(cfg: Config) -> str:
-    import mlflow
+    from canaryflow.registry.tracking import configure
 
-    name = f"{cfg.mlflow.experiment}-ledger"
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return mlflow.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another mover
-        return mlflow.get_experiment_by_name(name).experiment_id
+    return configure(cfg, f"{cfg.mlflow.experiment}-ledger")
 
 
 def _record(cfg: Config, alias: str, old: str | None, new: str | None, reason: str, run_key: str) -> None:

@@ -48,8 +48,10 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None  # a tracking server decides where its artifacts go
 
 
-def configure(cfg: Config) -> str:
-    """Point mlflow at the configured store and return the experiment id (created on first use)."""
+def configure(cfg: Config, experiment: str | None = None) -> str:
+    """Point mlflow at the configured store and return the id of the experiment (default: the pipeline
+    runs'; the ledger and the drills have their own), created on first use with its artifacts beside a
+    SQLite store, never in the current directory."""
     import mlflow
 
     # On a cluster the URI comes from a Kubernetes Secret as MLFLOW_TRACKING_URI, never from the compiled config.
@@ -67,14 +69,15 @@ def configure(cfg: Config) -> str:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
+    name = experiment or cfg.mlflow.experiment
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
     try:
-        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=_artifact_root(uri))
+        return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
     except mlflow.exceptions.MlflowException:
         # A concurrent step created it first.
-        return mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def find_run(cfg: Config, run_key: str):

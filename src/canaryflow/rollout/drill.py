@@ -33,9 +33,9 @@ def _drill_data(cfg: Config, workdir: Path, out: Path) -> tuple[list[str], list[
 def _record(cfg: Config, result: dict, out: Path, timeline: Path) -> str:
     import mlflow
 
-    name = f"{cfg.mlflow.experiment}-drills"
-    experiment = mlflow.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(name)
+    from canaryflow.registry.tracking import configure
+
+    experiment_id = configure(cfg, f"{cfg.mlflow.experiment}-drills")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"drill {result['fault']}") as run:
         mlflow.set_tags({"fault": result["fault"], "verdict": result["verdict"], "caught": str(result["caught"])})
         mlflow.log_metrics({"requests_to_decision": result["requests_to_decision"], "seconds": result["seconds"]})
