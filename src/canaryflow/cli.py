@@ -477,12 +477,13 @@ def registry_show(
     from mlflow.exceptions import MlflowException
 
     from canaryflow.errors import BadInputError
+    from canaryflow.registry.tracking import not_found
 
     cfg = _registry_config(config, set_, workdir, tracking_uri)
     try:
         mv = MlflowClient().get_model_version(cfg.registry.model_name, str(version))
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if not not_found(exc):
             raise
         raise BadInputError(f"{cfg.registry.model_name} has no version {version}") from None
     _print_rows([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())], f"version {version}", json_out)

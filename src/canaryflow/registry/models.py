@@ -11,7 +11,14 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.errors import BadInputError
-from canaryflow.registry.tracking import DATA_CARD, RUN_KEY_TAG, configure, load_artifact_dict, pipeline_run
+from canaryflow.registry.tracking import (
+    DATA_CARD,
+    RUN_KEY_TAG,
+    configure,
+    load_artifact_dict,
+    not_found,
+    pipeline_run,
+)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
@@ -45,8 +52,7 @@ def alias_version(cfg: Config, alias: str) -> str | None:
     try:
         return str(_client().get_model_version_by_alias(cfg.registry.model_name, alias).version)
     except MlflowException as exc:
-        # Only "no such alias / model" means none: a store that did not answer must not read as "no champion".
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if not_found(exc):
             return None
         raise
 

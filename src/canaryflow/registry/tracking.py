@@ -127,6 +127,16 @@ def load_artifact_dict(uri: str) -> dict | None:
         return None
 
 
+# What MLflow answers for a model, version or alias that does not exist (SQL stores and the server differ).
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def not_found(exc) -> bool:
+    """True when MLflow answered that the thing asked for does not exist; a store that did not answer is not
+    that, and must not read as "there is none"."""
+    return getattr(exc, "error_code", None) in _NOT_FOUND
+
+
 def unavailable(exc: BaseException) -> str | None:
     """Why the store did not answer, in a few words, when `exc` says so; None when it answered (with an error)."""
     text = str(exc)

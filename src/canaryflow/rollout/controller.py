@@ -26,7 +26,6 @@ from canaryflow.registry import models
 from canaryflow.rollout import analysis
 from canaryflow.rollout.analysis import CONTINUE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
 from canaryflow.rollout.local import LocalBackend, post_json
-from canaryflow.stats import percentile
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -43,10 +42,6 @@ class Traffic(Protocol):
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]: ...
 
     def elapsed(self) -> float: ...
-
-
-def _p95(observations: list[Observation], variant: str) -> float | None:
-    return percentile([o.latency_ms for o in observations if o.variant == variant and o.ok], 95)
 
 
 def _timeline_point(started: float, sent: int, phase: str, weight: int, batch: list[Observation], found, look) -> dict:
@@ -84,7 +79,7 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
             if phase == "smoke":
                 reference = policy.max_p95_ms
             else:
-                reference = _p95(history, CHAMPION)
+                reference = summarize(history, CHAMPION).p95_ms
             if mirrored:
                 pairs = traffic.send_mirrored(policy.batch_requests)
                 batch = [o for pair in pairs for o in pair]
