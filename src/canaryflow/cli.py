@@ -277,12 +277,18 @@ def compile_(
 
 
 HostOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--host",
         help="The KFP API endpoint: https://kubeflow.example.com/pipeline, or http://localhost:8080 through "
-        "`kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow`.",
+        "`kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow` (default: $KF_PIPELINES_ENDPOINT). "
+        "Without one, KFP is reached as kubectl reaches the cluster: in a pod through its service, elsewhere "
+        "through the kubeconfig's API server and credentials.",
     ),
+]
+KubeContextOpt = Annotated[
+    str | None,
+    typer.Option("--kube-context", help="The kubeconfig context to use without --host (default: the current one)."),
 ]
 ExperimentOpt = Annotated[
     str | None,
@@ -303,7 +309,8 @@ TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KFP_TOKEN", hel
 
 @app.command()
 def submit(
-    host: HostOpt,
+    host: HostOpt = None,
+    kube_context: KubeContextOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     experiment: ExperimentOpt = None,
@@ -316,7 +323,14 @@ def submit(
     Authentication: see --token."""
     from canaryflow.cluster import submit as submit_run
 
-    result = submit_run(_load(config, set_), host, experiment=experiment, namespace=namespace, token=token)
+    result = submit_run(
+        _load(config, set_),
+        host,
+        kube_context=kube_context,
+        experiment=experiment,
+        namespace=namespace,
+        token=token,
+    )
     if json_out:
         print(json.dumps({k: result[k] for k in ("run_id", "url", "experiment_id", "experiment")}))
         return
@@ -326,7 +340,6 @@ def submit(
 
 @app.command()
 def schedule(
-    host: HostOpt,
     cron: Annotated[
         str,
         typer.Option(
@@ -335,6 +348,8 @@ def schedule(
             '(03:00 daily) or "0 0 9 * * MON-FRI".',
         ),
     ],
+    host: HostOpt = None,
+    kube_context: KubeContextOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     experiment: ExperimentOpt = None,
@@ -364,6 +379,7 @@ def schedule(
         _load(config, set_),
         host,
         cron,
+        kube_context=kube_context,
         experiment=experiment,
         name=name,
         max_concurrency=max_concurrency,

@@ -36,12 +36,17 @@ SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 
 AUTH_HELP = (
-    "Bearer token for the KFP API (default: $KFP_TOKEN). Without one: inside a pod, the projected KFP "
+    "Bearer token for the KFP API at --host (default: $KFP_TOKEN). Without one: inside a pod, the projected KFP "
     "service-account token ($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token); "
     "elsewhere what kfp.Client sends for an explicit host (the cookie or header saved in "
     "~/.config/kfp/context.json, a Google token for a *.googleusercontent.com host), else nothing, "
-    "as through `kubectl port-forward`."
+    "as through `kubectl port-forward`. Without --host the kubeconfig's credentials are used instead."
 )
+# Without --host, kfp.Client reaches the ml-pipeline service through the Kubernetes API server's service proxy
+# (or its in-cluster DNS name inside a pod), in the namespace KFP is installed in.
+KFP_NAMESPACE = "kubeflow"
+KUBE_UI_PROXY_PATH = "api/v1/namespaces/{}/services/ml-pipeline-ui:80/proxy"
+IN_CLUSTER_UI = "http://ml-pipeline-ui.{}.svc.cluster.local"
 
 CRON_SHAPE = "SEC MIN HOUR DOM MON DOW"
 _MONTHS = {name: i for i, name in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), start=1)}
@@ -215,6 +220,24 @@ def _bounded_client_class():
             if self.healthz is None:  # kfp asks only when it has no namespace saved: ask anyway, to fail early
                 self.get_kfp_healthz()
 
+        def _load_config(self, *args, **kwargs):
+            config = super()._load_config(*args, **kwargs)
+            # kfp's proxy path ends in "/", and every API path starts with one: "proxy//apis/..." is not a
+            # path the API server's proxy is documented to take.
+            config.host = config.host.rstrip("/")
+            hook, host = config.refresh_api_key_hook, config.host
+            if hook is not None:
+                # kubernetes' kubeconfig loader refreshes the token before every request, and sets the API
+                # server's bare address back as the host, dropping kfp's service-proxy path
+                # (kubeflow/pipelines#8313), and itself back as the hook: undo both after each refresh.
+                def refresh(configuration):
+                    hook(configuration)
+                    configuration.host = host
+                    configuration.refresh_api_key_hook = refresh
+
+                config.refresh_api_key_hook = refresh
+            return config
+
         def get_kfp_healthz(self, sleep_duration: int = 5):
             api_client = self._healthz_api.api_client
             if not isinstance(api_client.rest_client, BoundedREST):
@@ -225,15 +248,70 @@ def _bounded_client_class():
     return BoundedClient
 
 
-class Connection:
-    """A kfp.Client on one host, and the words its errors need."""
+def _kubeconfig_route(context: str | None) -> tuple[str, str, str]:
+    """Where kfp.Client goes without a host, as (API endpoint, UI address, credentials in words): inside a pod
+    the in-cluster service, else the kubeconfig's API server and user. A missing or unusable kubeconfig is
+    BadInputError here, before kfp would print "Failed to load kube config." and try localhost."""
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
 
-    def __init__(self, host: str, token: str | None, timeout: tuple[float, float]):
-        self.host = validate_host(host)
+    try:
+        k8s_config.load_incluster_config(client_configuration=k8s_client.Configuration())
+    except k8s_config.ConfigException:
+        pass
+    else:
+        return (
+            f"http://ml-pipeline.{KFP_NAMESPACE}.svc.cluster.local:8888",
+            IN_CLUSTER_UI.format(KFP_NAMESPACE),
+            "the pod's service account",
+        )
+    from kubernetes.config import kube_config
+
+    # kubernetes reads $KUBECONFIG once, at import; kfp loads that same file, so this names it.
+    where = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    loaded = k8s_client.Configuration()
+    try:
+        k8s_config.load_kube_config(client_configuration=loaded, context=context)
+    except (k8s_config.ConfigException, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(
+            f"no --host given and the kubeconfig ({where}) cannot be used: {reason}; give --host URL, or "
+            "point KUBECONFIG at a cluster's config"
+        ) from None
+    server = loaded.host.rstrip("/")
+    proxy = f"{server}/api/v1/namespaces/{KFP_NAMESPACE}/services/ml-pipeline:http/proxy"
+    user = f"context {context!r}" if context else "current context"
+    return proxy, f"{server}/{KUBE_UI_PROXY_PATH.format(KFP_NAMESPACE)}", f"the kubeconfig's credentials ({user})"
+
+
+class Connection:
+    """A kfp.Client on one host, and the words its errors need.
+
+    With `host`, kfp talks to it directly and sends `token` or the pod's projected token. Without one, kfp
+    authenticates as kubectl does (its documented default): through the API server with the kubeconfig, or
+    in-cluster. A kubeconfig's credentials are never sent to an explicit host, which may not be the cluster's.
+    """
+
+    def __init__(
+        self, host: str | None, token: str | None, timeout: tuple[float, float], kube_context: str | None = None
+    ):
         self.timeout = timeout
-        kwargs, self.credentials = _credentials(token)
+        host = host or os.environ.get("KF_PIPELINES_ENDPOINT")  # kfp.Client's own fallback, kept in view here
+        if host:
+            if kube_context:
+                raise BadInputError("--kube-context applies only without --host (through the kubeconfig)")
+            self.host = self.ui = validate_host(host)
+            kwargs, self.credentials = _credentials(token)
+            kwargs["host"] = self.host
+        else:
+            if token:
+                raise BadInputError(
+                    "a token (--token or KFP_TOKEN) needs --host: without one the kubeconfig's credentials are used"
+                )
+            self.host, self.ui, self.credentials = _kubeconfig_route(kube_context)
+            kwargs = {"host": None, "kube_context": kube_context, "namespace": KFP_NAMESPACE, "ui_host": self.ui}
         with self.calling("connecting (GET /apis/v2beta1/healthz)"):
-            self.client = _bounded_client_class()(timeout=tuple(timeout), host=self.host, **kwargs)
+            self.client = _bounded_client_class()(timeout=tuple(timeout), **kwargs)
 
     @contextlib.contextmanager
     def calling(self, doing: str):
@@ -374,8 +452,9 @@ def recurring_run_url(host: str, recurring_run_id: str) -> str:
 
 def submit(
     cfg: Config,
-    host: str,
+    host: str | None,
     *,
+    kube_context: str | None = None,
     experiment: str | None = None,
     namespace: str | None = None,
     token: str | None = None,
@@ -385,7 +464,7 @@ def submit(
     """Compile the DAG and start one run of it on the cluster at `host`, in the experiment `experiment`
     (default: the config's mlflow.experiment, so KFP and MLflow group runs alike), created when missing."""
     experiment = experiment or cfg.mlflow.experiment
-    connection = Connection(host, token, timeout)
+    connection = Connection(host, token, timeout, kube_context)
     experiment_id = connection.experiment(experiment, namespace)
     run_name = run_name or f"{cfg.registry.model_name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
     with tempfile.TemporaryDirectory(prefix="canaryflow-submit-") as tmp:
@@ -396,7 +475,7 @@ def submit(
             )
     return {
         "run_id": result.run_id,
-        "url": run_url(connection.host, result.run_id),
+        "url": run_url(connection.ui, result.run_id),
         "experiment_id": experiment_id,
         "experiment": experiment,
         "name": run_name,
@@ -405,9 +484,10 @@ def submit(
 
 def schedule(
     cfg: Config,
-    host: str,
+    host: str | None,
     cron: str,
     *,
+    kube_context: str | None = None,
     experiment: str | None = None,
     name: str | None = None,
     max_concurrency: int = 1,
@@ -426,7 +506,7 @@ def schedule(
     _check_max_concurrency(max_concurrency)
     experiment = experiment or cfg.mlflow.experiment
     name = name or f"{cfg.registry.model_name} retraining"
-    connection = Connection(host, token, timeout)
+    connection = Connection(host, token, timeout, kube_context)
     experiment_id = connection.experiment(experiment, namespace)
     same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
     with connection.calling("listing recurring runs (GET /apis/v2beta1/recurringruns)"):
@@ -435,7 +515,7 @@ def schedule(
         found = existing.recurring_runs[0]
         raise CanaryflowError(
             f"KFP at {connection.host} already has a recurring run {name!r} in experiment {experiment!r} "
-            f"({recurring_run_url(connection.host, found.recurring_run_id)}): delete or disable it first, "
+            f"({recurring_run_url(connection.ui, found.recurring_run_id)}): delete or disable it first, "
             "or give --name"
         )
     with tempfile.TemporaryDirectory(prefix="canaryflow-schedule-") as tmp:
@@ -453,7 +533,7 @@ def schedule(
             )
     return {
         "recurring_run_id": created.recurring_run_id,
-        "url": recurring_run_url(connection.host, created.recurring_run_id),
+        "url": recurring_run_url(connection.ui, created.recurring_run_id),
         "experiment_id": experiment_id,
         "experiment": experiment,
         "name": name,

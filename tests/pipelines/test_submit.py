@@ -28,7 +28,10 @@ class FakeKFP:
     """Answers as the KFP v2beta1 REST API does, from memory. `refuse` answers every request with that HTTP
     status (Istio's plain-text RBAC denial for 403); `redirect` answers every request with a login redirect."""
 
-    def __init__(self, experiments: tuple[str, ...] = (), refuse: int | None = None, redirect: bool = False):
+    def __init__(
+        self, experiments: tuple[str, ...] = (), refuse: int | None = None, redirect: bool = False, prefix: str = ""
+    ):
+        self.prefix = prefix  # where the API is mounted: "" as ml-pipeline serves it, or an API server's proxy path
         self.requests: list[dict] = []
         self.experiments = [
             {"experiment_id": f"exp-existing-{i}", "display_name": n} for i, n in enumerate(experiments)
@@ -69,7 +72,8 @@ class FakeKFP:
         self.requests.append(
             {
                 "method": handler.command,
-                "path": url.path,
+                "path": url.path.removeprefix(self.prefix),
+                "full_path": url.path,
                 "query": query,
                 "headers": {k.lower(): v for k, v in handler.headers.items()},
                 "body": json.loads(raw) if raw else None,
@@ -79,7 +83,8 @@ class FakeKFP:
             return self.send(handler, 302, b"", {"Location": "/oauth2/start?rd=%2Fpipeline"}, "text/html")
         if self.refuse:
             return self.send(handler, self.refuse, b"RBAC: access denied", content_type="text/plain")
-        status, answer = self.answer(handler.command, url.path, query, json.loads(raw) if raw else {})
+        path = url.path.removeprefix(self.prefix) if url.path.startswith(self.prefix + "/") else "(outside prefix)"
+        status, answer = self.answer(handler.command, path, query, json.loads(raw) if raw else {})
         self.send(handler, status, json.dumps(answer).encode())
 
     def answer(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
@@ -119,14 +124,30 @@ class FakeKFP:
         handler.wfile.write(payload)
 
 
+def _use_kubeconfig(monkeypatch, path) -> None:
+    # The CLI's process reads $KUBECONFIG when it imports kubernetes; this process imported it long ago.
+    from kubernetes.config import kube_config
+
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+
+
 @pytest.fixture(autouse=True)
 def _no_saved_kfp_context(tmp_path, monkeypatch):
-    # kfp.Client reads a saved namespace and auth cookie from ~/.config/kfp/context.json: none here.
+    # kfp.Client reads a saved namespace and auth cookie from ~/.config/kfp/context.json: none here. Nor a
+    # kubeconfig or a pod's environment, unless a test writes one.
     from kfp.client.client import Client
 
     monkeypatch.setattr(Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    for name in ("KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID"):
+    _use_kubeconfig(monkeypatch, tmp_path / "no-kubeconfig")
+    for name in (
+        "KFP_TOKEN",
+        "KF_PIPELINES_SA_TOKEN_PATH",
+        "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
+        "KF_PIPELINES_ENDPOINT",
+        "KUBERNETES_SERVICE_HOST",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -334,6 +355,87 @@ def test_submit_from_the_command_line_prints_the_run_url(kfp):
     assert "submitted run" in result.stderr
     config = json.loads(kfp.body("POST", f"{API}/runs")["runtime_config"]["parameters"]["config_json"])
     assert config["train"]["max_steps"] == 7
+
+
+# --- without --host: through the kubeconfig, as kubectl ------------------------------------------------------
+
+PROXY = "/api/v1/namespaces/kubeflow/services/ml-pipeline:http/proxy"
+UI_PROXY = "/api/v1/namespaces/kubeflow/services/ml-pipeline-ui:80/proxy"
+
+
+def _write_kubeconfig(path, server: str, contexts: dict[str, str]) -> None:
+    """A kubeconfig as `kubectl config` writes it: one cluster, one token user per context, the first current."""
+    names = list(contexts)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "loopback", "cluster": {"server": server}}],
+                "users": [{"name": f"user-{n}", "user": {"token": token}} for n, token in contexts.items()],
+                "contexts": [{"name": n, "context": {"cluster": "loopback", "user": f"user-{n}"}} for n in names],
+                "current-context": names[0],
+            }
+        )
+    )
+
+
+@pytest.fixture
+def api_server(tmp_path, monkeypatch):
+    """A loopback "Kubernetes API server" that serves only KFP, under the service-proxy path, and a kubeconfig
+    that points at it."""
+    server = FakeKFP(prefix=PROXY)
+    kubeconfig = tmp_path / "kubeconfig"
+    _write_kubeconfig(kubeconfig, server.url, {"dev": "kube-token-dev", "prod": "kube-token-prod"})
+    _use_kubeconfig(monkeypatch, kubeconfig)
+    yield server
+    server.close()
+
+
+def test_submit_without_a_host_goes_through_the_api_server_with_the_kubeconfig_token(api_server, cfg, compiled):
+    result = cluster.submit(cfg, None)
+
+    assert all(r["full_path"].startswith(PROXY + API) for r in api_server.requests), api_server.requests
+    assert ("POST", f"{API}/runs") in api_server.calls()
+    assert {r["headers"].get("authorization") for r in api_server.requests} == {"Bearer kube-token-dev"}
+    _assert_carries_the_pipeline(api_server.body("POST", f"{API}/runs"), compiled)
+    assert result["url"] == f"{api_server.url}{UI_PROXY}/#/runs/details/run-0001"
+
+
+def test_schedule_from_the_command_line_takes_another_kubeconfig_context(api_server):
+    result = run_cli("schedule", "--cron", "0 0 3 * * *", "--kube-context", "prod", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["url"] == f"{api_server.url}{UI_PROXY}/#/recurringrun/details/rr-0"
+    assert {r["headers"].get("authorization") for r in api_server.requests} == {"Bearer kube-token-prod"}
+    assert ("POST", f"{API}/recurringruns") in api_server.calls()
+
+
+def test_without_a_host_or_a_kubeconfig_it_is_one_line_and_exit_2(kfp):
+    result = run_cli("submit", "--json", timeout=120)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "no --host given and the kubeconfig" in line and "give --host URL" in line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--token", "t0k"], "a token (--token or KFP_TOKEN) needs --host"),
+        (["--host", "http://127.0.0.1:1", "--kube-context", "prod"], "--kube-context applies only without --host"),
+    ],
+)
+def test_kubeconfig_and_explicit_host_credentials_do_not_mix(api_server, args, message):
+    result = run_cli("submit", *args, timeout=120)
+    assert result.returncode == 2
+    assert message in _one_line(result.stderr)
+    assert api_server.requests == []  # in particular, the kubeconfig's token went nowhere
+
+
+def test_an_unknown_kubeconfig_context_is_one_line(api_server):
+    result = run_cli("submit", "--kube-context", "staging", timeout=120)
+    assert result.returncode == 2
+    assert "staging" in _one_line(result.stderr)
 
 
 # --- schedule ------------------------------------------------------------------------------------------------
