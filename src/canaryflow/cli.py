@@ -37,6 +37,10 @@ registry_app = typer.Typer(
 app.add_typer(registry_app, name="registry")
 canary_app = typer.Typer(no_args_is_help=True, help="Canary rehearsals.")
 app.add_typer(canary_app, name="canary")
+drift_app = typer.Typer(
+    no_args_is_help=True, help="Drift of served inputs against the champion's training data, and retraining on it."
+)
+app.add_typer(drift_app, name="drift")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (default: the demo task).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: KEY=VALUE, repeatable.")]
@@ -564,7 +568,15 @@ def canary_drill(
     cfg = _registry_config(config, set_, workdir, tracking_uri)
     console = _console()
     with _reporter(console, f"drill {fault}", json_out) as report:
-        result = drill(cfg, workdir.resolve(), fault, reporter=report)
+        result = drill(
+            cfg,
+            workdir.resolve(),
+            fault,
+            reporter=report,
+            on_start=lambda urls: console.print(
+                "Metrics while the drill runs: " + ", ".join(f"{name} {url}" for name, url in urls.items())
+            ),
+        )
     if json_out:
         print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
         return
@@ -577,6 +589,156 @@ def canary_drill(
     )
 
 
+LogOpt = Annotated[
+    Path | None,
+    typer.Option("--log", help="The input log directory (default: serving.input_log.dir, else <workdir>/input-log)."),
+]
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", help="Where to draw the drift picture (default: <workdir>/drift/latest.png).")
+]
+
+
+def _drift_table(result: dict):
+    from rich.table import Table
+
+    table = Table(
+        title=f"last {result['inputs']} logged inputs vs champion v{result['champion_version']}'s training data"
+    )
+    for column in ("feature", "Jensen-Shannon distance", "threshold", ""):
+        table.add_column(column)
+    for feature, value in (result["distance"] or {}).items():
+        over = value > result["threshold"]
+        table.add_row(feature, f"{value:.3f}", f"{result['threshold']:.3f}", "[red]over[/]" if over else "[green]ok[/]")
+    return table
+
+
+def _drift_line(result: dict) -> str:
+    if result["status"] == "too_few_inputs":
+        verdict = f"too few inputs to judge ({result['inputs']} of the {result['min_inputs']} needed)"
+    elif result["drifted"]:
+        verdict = (
+            f"[red]drifted[/]: {result['worst']} {result['distance'][result['worst']]:.3f} > {result['threshold']:g}"
+        )
+    else:
+        verdict = "[green]within the threshold[/]"
+    action = {
+        "triggered": f"; retraining triggered: {json.dumps(result.get('run'))}",
+        "cooling_down": f"; no retraining: cooling down until {result.get('next_trigger_after')}",
+    }.get(result.get("action", "none"), "")
+    return f"Drift {verdict}{action}"
+
+
+def _drift_setup(config, set_, workdir: Path, tracking_uri, log: Path | None):
+    cfg = _registry_config(config, set_, workdir, tracking_uri)
+    return cfg, (log or Path(cfg.serving.input_log.dir)).resolve()
+
+
+@drift_app.command("check")
+def drift_check(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    log: LogOpt = None,
+    plot: PlotOpt = None,
+    json_out: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Compare the most recent logged inputs with the champion's training data (its data card's profile).
+
+    Exit 0 whatever the verdict; --json has `status` (drifted, within_threshold, too_few_inputs) and `distance`."""
+    from canaryflow.data import drift
+
+    cfg, log_dir = _drift_setup(config, set_, workdir, tracking_uri, log)
+    result = drift.check(cfg, log_dir)
+    if result["distance"] is not None:
+        result["plot"] = str(drift.plot(result, plot or workdir.resolve() / "drift" / "latest.png"))
+    if json_out:
+        print(json.dumps(result))
+        return
+    console = _console()
+    if result["distance"] is not None:
+        console.print(_drift_table(result))
+    console.print(_drift_line(result) + (f". Picture: {result['plot']}" if "plot" in result else ""))
+
+
+@drift_app.command("watch")
+def drift_watch(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path(".canaryflow"),
+    log: LogOpt = None,
+    submit: Annotated[
+        bool,
+        typer.Option(
+            "--submit", help="On drift, start a retraining run (at most one per drift.cooldown_hours); else report."
+        ),
+    ] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run the retraining here (as `canaryflow run`) instead of on KFP.")
+    ] = False,
+    host: HostOpt = None,
+    kube_context: KubeContextOpt = None,
+    token: TokenOpt = None,
+    experiment: ExperimentOpt = None,
+    namespace: NamespaceOpt = None,
+    checks: Annotated[
+        int | None, typer.Option("--checks", min=1, help="Stop after this many checks (default: run until stopped).")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per check on stdout (JSON lines).")
+    ] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Check for drift every drift.interval_s seconds; with --submit, retrain when it is over the threshold."""
+    from canaryflow.data import drift
+    from canaryflow.errors import BadInputError
+
+    if local and (host or kube_context):
+        raise BadInputError("--local runs the retraining here: it takes no --host or --kube-context")
+    cfg, log_dir = _drift_setup(config, set_, workdir, tracking_uri, log)
+    console = _console()
+    trigger = None
+    if submit and local:
+        from canaryflow.runner import run_lifecycle
+
+        def trigger(result: dict) -> dict:
+            console.print("Drift over the threshold: running the retraining pipeline here")
+            with RunProgress(console) as display:
+                summary = run_lifecycle(cfg, workdir, on_line=display.line, on_phase=display.phase)
+            return {
+                "where": "local",
+                "version": summary.get("version"),
+                "status": summary.get("status"),
+                "gate_passed": summary.get("gate", {}).get("passed"),
+                "canary": summary.get("canary", {}).get("verdict"),
+            }
+
+    elif submit:
+        from canaryflow.cluster import submit as submit_run
+
+        as_given = _load(config, set_)  # not the workdir's local paths and store: the cluster has its own
+
+        def trigger(result: dict) -> dict:
+            submitted = submit_run(
+                as_given,
+                host,
+                kube_context=kube_context,
+                experiment=experiment,
+                namespace=namespace,
+                token=token,
+                run_name=f"{cfg.registry.model_name} drift {result['worst']} {result['distance'][result['worst']]:.3f}",
+            )
+            return {"where": "kfp", "run_id": submitted["run_id"], "url": submitted["url"]}
+
+    def report(result: dict) -> None:
+        if json_out:
+            print(json.dumps(result), flush=True)
+        else:
+            console.print(_drift_line(result))
+
+    drift.watch(cfg, log_dir, drift.WatchState(log_dir / "drift-watch.json"), trigger, checks=checks, on_check=report)
+
+
 @app.command()
 def serve(
     model_uri: Annotated[
@@ -584,18 +746,37 @@ def serve(
     ],
     port: Annotated[int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")] = 8080,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 inside a container.")] = "127.0.0.1",
+    model_version: Annotated[
+        str | None,
+        typer.Option(
+            "--model-version",
+            envvar="CANARYFLOW_MODEL_VERSION",
+            help="The model_version label on metrics (default: the version a models:/ URI resolves to).",
+        ),
+    ] = None,
+    variant: Annotated[str, typer.Option("--variant", help="The variant label on metrics.")] = "primary",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Serve one model over HTTP: /health, /predict, /metrics."""
+    """Serve one model over HTTP: /health, /predict, /metrics. The config's serving section sets the input
+    limits and the input log (default: under --workdir, which `drift check` reads)."""
     import mlflow
 
-    from canaryflow.registry.tracking import sqlite_uri
+    from canaryflow.runner import with_workdir
     from canaryflow.serving.server import main as serve_main
 
-    mlflow.set_tracking_uri(tracking_uri or sqlite_uri(workdir))
-    mlflow.set_registry_uri(tracking_uri or sqlite_uri(workdir))
-    code = serve_main(["--model-uri", model_uri, "--host", host, "--port", str(port)])
+    cfg = with_workdir(_load(config, set_, tracking_uri), workdir)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
+    if model_version is None and model_uri.startswith("models:/"):
+        from canaryflow.registry.models import resolve_version
+
+        model_version = resolve_version(model_uri)
+    args = ["--model-uri", model_uri, "--host", host, "--port", str(port), "--variant", variant]
+    args += ["--model-version", model_version or "unknown", "--serving-config", cfg.serving.model_dump_json()]
+    code = serve_main(args)
     if code:
         raise typer.Exit(code)
 

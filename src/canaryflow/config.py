@@ -374,6 +374,64 @@ class CanaryConfig(_Section):
         return self
 
 
+class InputLogConfig(_Section):
+    """A sample of what the model servers are asked, kept for drift checks, with a privacy filter applied
+    before anything is written."""
+
+    enabled: bool = Field(True, description="Write sampled inputs; false: keep nothing.")
+    dir: str | None = Field(
+        None,
+        description="Directory of the log files (one per server: inputs-<variant>-v<version>.jsonl, rotated); "
+        "unset: <workdir>/input-log locally, no log on a cluster unless set.",
+    )
+    sample_rate: float = Field(0.1, ge=0, le=1, description="Share of requests whose inputs are logged.")
+    max_bytes: int = Field(10 << 20, gt=0, description="A log file is rotated once it reaches this size.")
+    backups: int = Field(5, ge=0, description="Rotated files kept per server; older ones are deleted.")
+    drop_fields: list[str] = Field(
+        default_factory=list, description="Request fields never written (besides inputs, which always are)."
+    )
+    hash_fields: list[str] = Field(
+        default_factory=list,
+        description="Request fields written only as a salted SHA-256 (joinable, not readable). The salt comes "
+        "from $CANARYFLOW_INPUT_LOG_SALT, else a random one kept beside the log.",
+    )
+    mask_emails: bool = Field(True, description="Replace e-mail addresses in logged text with <email>.")
+    mask_numbers: bool = Field(True, description="Replace digit runs in logged text with <num>.")
+
+
+class ServingConfig(_Section):
+    max_input_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Longest input, in tokens, a model server accepts (413 beyond it, the first defence against "
+        "out-of-memory); unset: data.max_source_length.",
+    )
+    max_inputs_per_request: int = Field(64, gt=0, description="Most inputs one /predict request may carry.")
+    drift_window: int = Field(
+        500, gt=0, description="Recent inputs over which a model server measures drift for its /metrics."
+    )
+    input_log: InputLogConfig = Field(default_factory=InputLogConfig)
+
+
+class DriftConfig(_Section):
+    """Drift of serving inputs against the champion's training data (the data card's input profile), measured
+    as Jensen-Shannon distance, and the retraining it may trigger (`canaryflow drift watch --submit`)."""
+
+    # A Jensen-Shannon distance is the square root of the divergence: moving a share m of the mass to where the
+    # other side has none gives about sqrt(m), so 0.5 is roughly a quarter of the words (or lengths) unseen.
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="Drifted once either distance (input length, vocabulary) exceeds this."
+    )
+    window: int = Field(500, gt=0, description="Most recent logged inputs compared with the training data.")
+    min_inputs: int = Field(
+        200, gt=0, description="Fewer logged inputs than this: too few to judge, so nothing is triggered."
+    )
+    cooldown_hours: float = Field(
+        24.0, ge=0, description="At most one triggered retraining per this many hours, whatever the drift."
+    )
+    interval_s: float = Field(300.0, gt=0, description="Seconds between two checks of `drift watch`.")
+
+
 class RegistryConfig(_Section):
     model_name: str = Field("canaryflow-demo", min_length=1, description="Registered model name in MLflow.")
     lock: str = Field(
@@ -451,6 +509,8 @@ class Config(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @classmethod
     def from_json(cls, text: str) -> Config:

@@ -31,8 +31,8 @@ class PipelineFailed(CanaryflowError):
 
 
 def with_workdir(cfg: Config, workdir: Path) -> Config:
-    """Fill in what the workdir decides, where the config leaves it open: the SQLite tracking store and
-    the checkpoint folder (which must outlive a step's process, so a rerun can resume)."""
+    """Fill in what the workdir decides, where the config leaves it open: the SQLite tracking store, the
+    checkpoint folder (which must outlive a step's process, so a rerun can resume) and the input log."""
     from canaryflow.registry.tracking import sqlite_uri
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,15 @@ def with_workdir(cfg: Config, workdir: Path) -> Config:
     if not cfg.train.checkpoint_dir:
         checkpoints = str(workdir.resolve() / "checkpoints")
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": checkpoints})})
+    if not cfg.serving.input_log.dir:
+        log = cfg.serving.input_log.model_copy(update={"dir": str(input_log_dir(workdir))})
+        cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"input_log": log})})
     return cfg
+
+
+def input_log_dir(workdir: Path) -> Path:
+    """Where the local model servers keep their sampled inputs, for `drift check`."""
+    return workdir.resolve() / "input-log"
 
 
 def _demo_state(workdir: Path) -> Path:

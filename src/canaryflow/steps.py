@@ -147,7 +147,7 @@ def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir
         if trained.get(key) is not None:
             value = trained[key]
             lineage[f"train.{key}"] = f"{value:.4f}" if isinstance(value, float) else str(value)
-    version = models.register_candidate(cfg, run_key, model_dir, evaluation, lineage)
+    version = models.register_candidate(cfg, run_key, model_dir, evaluation, lineage, card.get("profile"))
     with pipeline_run(cfg, run_key):
         mlflow.set_tag("registered_version", version)
         _mark_done("register_model")

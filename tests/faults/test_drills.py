@@ -7,6 +7,7 @@ a healthy challenger must be promoted. They run against the registry the shared 
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 from mlflow import MlflowClient
@@ -47,10 +48,25 @@ def test_a_faulty_challenger_is_rolled_back_and_the_champion_keeps_the_traffic(d
     assert (workdir / result["artifacts"] / "timeline.png").stat().st_size > 10_000
 
 
-def test_a_healthy_challenger_is_promoted_and_the_registry_is_untouched(drill_registry):
+def test_a_healthy_challenger_is_promoted_and_every_dashboard_metric_is_scraped_meanwhile(drill_registry):
+    """The acceptance check of the dashboards and alerts: every metric they query is in a real /metrics scrape
+    of the router and both model servers while the drill's traffic flows."""
+    from tests.observability import missing_from_scrape, queried_metrics
+
     cfg, workdir = drill_registry
     before = _registry_state(cfg)
-    result = canary_drill(cfg, workdir, "none")
+    urls: dict[str, str] = {}
+    scraped: list[str] = []
+
+    def scrape_at_first_look(stage, done, total, **info):
+        if not scraped:  # one batch has gone through both variants by the first look
+            scraped.extend(urllib.request.urlopen(url, timeout=10).read().decode() for url in urls.values())
+
+    result = canary_drill(cfg, workdir, "none", reporter=scrape_at_first_look, on_start=urls.update)
+    assert set(urls) == {"router", "champion", "challenger"}
+    assert queried_metrics(), "the dashboards and alerts query no canaryflow metric at all"
+    assert missing_from_scrape("\n".join(scraped)) == {}
+    assert 'canaryflow_canary_state{model_version="' in scraped[0] and 'state="canary"} 1.0' in scraped[0]
     assert result["verdict"] == "promoted" and result["caught"] is True, result["reason"]
     assert result["router_weights"] == {"champion": 0, "challenger": 100}
     assert [step["weight"] for step in result["steps"]] == [50, 100]

@@ -24,6 +24,7 @@ from canaryflow.rollout.kserve import (
     PLURAL,
     STORAGE_ENV,
     VERSION,
+    VERSION_ENV,
     KServeBackend,
     VariantCounts,
     inference_service,
@@ -39,6 +40,8 @@ CHAMPION_URI, CHALLENGER_URI = "s3://models/1/aaa/artifacts/model", "s3://models
 OTHER_URI = "s3://models/1/zzz/artifacts/model"
 R1, R2, R3 = (f"{NAME}-predictor-0000{i}" for i in (1, 2, 3))
 STORAGE_PATH = ("spec", "predictor", "containers", 0, "env", 0, "value")
+VERSION_PATH = ("spec", "predictor", "containers", 0, "env", 1, "value")
+VERSIONS = {CHAMPION_URI: "1", CHALLENGER_URI: "2", OTHER_URI: "9"}
 PERCENT_PATH = ("spec", "predictor", "canaryTrafficPercent")
 
 CALLED: set[tuple[str, str, str]] = set()  # (apiGroup, resource, verb) the backend used, over this module
@@ -221,7 +224,9 @@ def kserve(isvc_schema):  # noqa: F811
             fake.seed(seed)
         cfg = load_config(overrides=[f"canary.kserve.namespace={NS}", "canary.server_start_timeout_s=10", *overrides])
         slept: list[float] = []
-        return KServeBackend(cfg, api=fake, prometheus=prometheus, sleep=slept.append), fake, slept
+        backend = KServeBackend(cfg, api=fake, prometheus=prometheus, sleep=slept.append)
+        backend.versions = dict(VERSIONS)
+        return backend, fake, slept
 
     return make
 
@@ -335,17 +340,18 @@ def test_latency_threshold_rounds_up_to_a_knative_bucket_bound(threshold, bound)
 def test_deploy_creates_the_missing_service_for_the_champion_then_starts_the_challenger_at_0(kserve):
     backend, fake, _ = kserve(seed=None)
     backend.deploy(CHAMPION_URI, CHALLENGER_URI)
-    assert fake.created == [inference_service(NAME, CHAMPION_URI, NS)]
+    assert fake.created == [inference_service(NAME, CHAMPION_URI, NS, version="1")]
     assert fake.served() == {CHAMPION_URI: 100, CHALLENGER_URI: 0}
     assert fake.revision(R2).ready and fake.revision(R2).storage == CHALLENGER_URI
 
 
-def test_challenger_patch_touches_only_the_storage_and_the_percentage(kserve):
+def test_challenger_patch_touches_only_the_storage_its_version_and_the_percentage(kserve):
     backend, fake, _ = kserve()
     backend.deploy(CHAMPION_URI, CHALLENGER_URI)
     (body, changed), *rest = fake.patches
     assert rest == []
-    assert changed == {STORAGE_PATH, PERCENT_PATH}
+    assert changed == {STORAGE_PATH, VERSION_PATH, PERCENT_PATH}
+    assert body["spec"]["predictor"]["containers"][0]["env"][1] == {"name": VERSION_ENV, "value": "2"}
     assert body["spec"]["predictor"]["canaryTrafficPercent"] == 0
     assert set(body) == {"spec"} and set(body["spec"]["predictor"]) == {"canaryTrafficPercent", "containers"}
 
@@ -375,8 +381,11 @@ def test_rollback_gives_the_champion_all_the_traffic_and_its_storage(kserve, las
         assert fake.served()[CHAMPION_URI] == 100 and fake.served().get(CHALLENGER_URI, 0) == 0
     predictor = fake.objects[NAME]["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 0
-    assert predictor["containers"][0]["env"] == [{"name": STORAGE_ENV, "value": CHAMPION_URI}]
-    assert fake.patches[-1][1] == {STORAGE_PATH}
+    assert predictor["containers"][0]["env"] == [
+        {"name": STORAGE_ENV, "value": CHAMPION_URI},
+        {"name": VERSION_ENV, "value": "1"},  # the champion's revision labels its metrics with its own version
+    ]
+    assert fake.patches[-1][1] == {STORAGE_PATH, VERSION_PATH}
 
 
 def test_deploy_first_rolls_the_champion_out_when_something_else_serves(kserve):

@@ -1,6 +1,15 @@
 """The whole DAG run locally through kfp.local, as `canaryflow run` runs it, on the tiny model."""
 
+import contextlib
 import json
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -63,20 +72,98 @@ def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
     assert drift["champion_version"] == "1" and 0 <= drift["distance"]["vocabulary"] < 0.5
 
 
-def test_a_second_run_trains_a_new_challenger_against_the_champion(lifecycle_run):
+# Nothing like the demo's "name: ... | job: ..." records: other words, other lengths, e-mail addresses to mask.
+SHIFTED = [
+    f"Customer {i} writes: my parcel {i:05d} never arrived, please refund it to me at buyer{i}@mail.example soon"
+    for i in range(200)
+]
+
+
+@contextlib.contextmanager
+def _serving(workdir, *overrides):
+    """`canaryflow serve` of the champion on a free port, as an operator runs it; its URL."""
+    args = ["--model-uri", "models:/canaryflow-demo@champion", "--port", "0", "--workdir", str(workdir)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "canaryflow.cli", "serve", *args, *(a for o in overrides for a in ("--set", o))],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    # A reader thread: the server never closes stderr, so a blocking read here could wait for ever.
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        seen, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen)[-2000:]
+                continue
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)", seen[-1])  # printed once the model is loaded
+            if found:
+                yield found.group(1)
+                return
+        raise AssertionError("canaryflow serve did not come up: " + "".join(seen)[-2000:])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_shifted_stream_triggers_one_retraining_and_the_cool_down_holds(lifecycle_run):
+    """Drift end to end: served inputs are logged (masked), `drift check` sees the shift against the champion's
+    training data, `drift watch --submit --local` runs the retraining pipeline once, and the next check within
+    the cool-down starts nothing."""
+    from canaryflow.rollout.local import post_json
+
     workdir, first = lifecycle_run
     champion_before = first["registry"]["aliases"]["champion"]
-    # Far too little training: the gate must reject it, and nothing may move.
-    result = run_cli("run", "--json", "--workdir", str(workdir), "--set", "train.max_steps=15")
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout)
-    assert summary["demo_drop"] == 3 and "bootstrap" not in summary
-    assert summary["version"] == "3"
-    assert summary["gate"]["passed"] is False
-    assert any(reason.startswith("FAIL") for reason in summary["gate"]["reasons"])
-    assert summary["canary"]["verdict"] == "not_run"
-    assert summary["registry"]["aliases"]["champion"] == champion_before
-    _, versions = _registry(workdir)
+    with _serving(workdir, "serving.input_log.sample_rate=1") as url:
+        for start in range(0, len(SHIFTED), 50):
+            body = json.dumps({"inputs": SHIFTED[start : start + 50]}).encode()
+            assert post_json(url + "/predict", body, 120)[0] == 200
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            scraped = resp.read().decode()
+    # The server saw the shift too, against the profile its model carries, before any check was run.
+    gauge = re.search(r'canaryflow_server_input_drift\{[^}]*feature="vocabulary"[^}]*\} ([0-9.]+)', scraped)
+    assert gauge and float(gauge.group(1)) > 0.5, scraped[-2000:]
+    window = ["--set", "drift.window=200", "--set", "drift.min_inputs=100"]
+
+    checked = run_cli("drift", "check", "--json", "--workdir", str(workdir), *window)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    result = json.loads(checked.stdout)
+    assert result["status"] == "drifted" and result["inputs"] == 200
+    assert result["champion_version"] == champion_before
+    assert result["distance"]["vocabulary"] > 0.5
+    assert Path(result["plot"]).stat().st_size > 10_000
+    logged = (workdir / "input-log" / f"inputs-primary-v{champion_before}.jsonl").read_text()
+    assert "buyer7@mail.example" not in logged and "<email>" in logged  # masked before it was written
+
+    # Far too little training: the gate must reject the retrained model, and nothing may move.
+    retrain = ["--set", "train.max_steps=15"]
+    watched = run_cli(
+        "drift", "watch", "--submit", "--local", "--checks", "1", "--json", "--workdir", str(workdir), *window, *retrain
+    )
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    triggered = json.loads(watched.stdout)
+    assert triggered["action"] == "triggered" and triggered["status"] == "drifted"
+    assert triggered["run"] == {
+        "where": "local",
+        "version": "3",
+        "status": triggered["run"]["status"],
+        "gate_passed": False,
+        "canary": "not_run",
+    }
+
+    again = run_cli(
+        "drift", "watch", "--submit", "--local", "--checks", "1", "--json", "--workdir", str(workdir), *window, *retrain
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    cooling = json.loads(again.stdout)
+    assert cooling["action"] == "cooling_down" and cooling["last_trigger"]["run"]["version"] == "3"
+
+    cfg, versions = _registry(workdir)
+    assert set(versions) == {"1", "2", "3"}  # one retraining, not two
+    assert models.aliases(cfg)["champion"] == champion_before
     assert versions["3"].tags["gate.passed"] == "false"
     assert float(versions["3"].tags["gate.bleu.p_value"]) > 0.0125  # the statistics behind the verdict
     assert versions["3"].tags["gate.bleu.ci"].endswith("at 95%")

@@ -620,3 +620,58 @@ def test_a_host_name_that_does_not_resolve_says_so(cfg):
         cluster.submit(cfg, "http://kfp.invalid:8888", timeout=(2, 2))
     assert str(raised.value).startswith("cannot reach KFP at http://kfp.invalid:8888 while connecting")
     assert str(raised.value).endswith("cannot resolve kfp.invalid")
+
+
+# --- drift watch --submit: a retraining run on KFP, at most one per cool-down ----------------------------------
+
+
+@pytest.fixture
+def drifted_log(tmp_path):
+    from canaryflow.config import InputLogConfig
+    from canaryflow.serving.inputlog import InputLog
+
+    log = InputLog.open(InputLogConfig(sample_rate=1.0), tmp_path / "log", "primary", "1")
+    for i in range(0, 240, 12):
+        log.record(
+            {"inputs": [f"Order {n} was lost in transit, mail returns{n}@shop.example" for n in range(i, i + 12)]}
+        )
+    log.close()
+    return tmp_path / "log"
+
+
+def test_drift_watch_submits_one_retraining_run_per_cool_down(kfp, champion_workdir, drifted_log, monkeypatch, capsys):
+    from tests.pipelines.test_cli_data import _cli
+
+    args = ("drift", "watch", "--submit", "--host", kfp.url, "--checks", "1", "--json", "--log", str(drifted_log))
+    args += ("--workdir", str(champion_workdir), "--set", "drift.min_inputs=100")
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["action"] == "triggered" and first["status"] == "drifted"
+    assert first["run"] == {"where": "kfp", "run_id": "run-0001", "url": f"{kfp.url}/#/runs/details/run-0001"}
+    body = kfp.body("POST", f"{API}/runs")
+    assert body["display_name"].startswith("canaryflow-demo drift vocabulary ")
+    sent = json.loads(body["runtime_config"]["parameters"]["config_json"])
+    # The cluster gets the config as given, not this machine's store and paths.
+    assert sent["mlflow"]["tracking_uri"] is None and sent["serving"]["input_log"]["dir"] is None
+    assert str(champion_workdir) not in body["runtime_config"]["parameters"]["config_json"]
+
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["action"] == "cooling_down" and again["last_trigger"]["run"]["run_id"] == "run-0001"
+    assert [call for call in kfp.calls() if call == ("POST", f"{API}/runs")] == [("POST", f"{API}/runs")]
+
+
+def test_drift_check_without_a_log_or_with_mixed_targets_is_one_line_exit_2(
+    champion_workdir, tmp_path, monkeypatch, capsys
+):
+    from tests.pipelines.test_cli_data import _cli
+
+    code, out, err = _cli(
+        monkeypatch, capsys, "drift", "check", "--workdir", str(champion_workdir), "--log", str(tmp_path / "none")
+    )
+    assert code == 2 and out == "" and _one_line(err).startswith("error: no input log at")
+    args = ("drift", "watch", "--submit", "--local", "--host", "http://127.0.0.1:1", "--workdir", str(champion_workdir))
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and "--local runs the retraining here" in _one_line(err)

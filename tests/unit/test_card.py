@@ -3,7 +3,15 @@
 import pandas as pd
 import pytest
 
-from canaryflow.data.card import drift, input_profile, js_distance, length_percentiles, render_markdown
+from canaryflow.data.card import (
+    drift,
+    input_profile,
+    js_distance,
+    length_percentiles,
+    mask_text,
+    profile_against,
+    render_markdown,
+)
 from canaryflow.data.prepare import prepare_data, read_pairs
 from canaryflow.errors import BadInputError
 from tests.conftest import demo_config
@@ -15,6 +23,27 @@ def test_js_distance_bounds():
     assert js_distance(p, {"c": 1.0}) == pytest.approx(1.0)
     assert 0 < js_distance(p, {"a": 0.9, "b": 0.1}) < 1
     assert js_distance(p, {"a": 0.9, "b": 0.1}) == js_distance({"a": 0.9, "b": 0.1}, p)
+
+
+def test_masks_keep_word_counts_and_the_profile_counts_masked_words():
+    text = "Write to Ann.Lee+x@mail.example.org about order 42-7 by 5pm"
+    assert mask_text(text) == "Write to <email> about order <num>-<num> by <num>pm"
+    assert len(mask_text(text).split()) == len(text.split())
+    raw = input_profile([text], [len(text.split())])
+    masked = input_profile([mask_text(text)], [len(text.split())])
+    assert raw == masked  # a logged (masked) input and a raw training input are measured alike
+
+
+def test_profile_against_folds_words_outside_the_reference_into_other():
+    reference = {"length_histogram": {"0-3": 1.0}, "vocabulary": {"a": 0.5, "b": 0.3, "<other>": 0.2}}
+    profile = profile_against(["a a b c", "d"], reference)
+    assert profile["vocabulary"] == {"a": 0.4, "b": 0.2, "<other>": 0.4}
+    assert profile["length_histogram"] == {"0-3": 0.5, "4-7": 0.5}
+    # A word rarer than the reference's cut-off is not "new": it was in <other> there too. Comparing top-word
+    # lists instead makes "c" a word the reference never had.
+    folded = drift(profile_against(["a b c"] * 10, reference), reference)["vocabulary"]
+    listed = drift(input_profile(["a b c"] * 10, [3] * 10), reference)["vocabulary"]
+    assert folded < 0.2 < 0.5 < listed
 
 
 def test_length_percentiles():

@@ -10,11 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sacrebleu
 
+from canaryflow.config import InputLogConfig, ServingConfig
 from canaryflow.errors import BadInputError
 from canaryflow.evaluation.generate import Seq2SeqGenerator
 from canaryflow.rollout.local import LocalBackend, MirrorResult, Router, post_json
 from canaryflow.serving.faults import CRASH_EXIT_CODE, parse_fault
 from canaryflow.serving.http import MAX_BODY_BYTES, ConnectionPool, JsonHandler, serve_in_thread
+from canaryflow.serving.inputlog import InputLog
 from canaryflow.serving.server import MAX_INPUT_CHARS, load_generator, main, make_handler
 
 INPUTS = ["name: Ada | job: baker | city: Oslo", "name: Bo | job: pilot | city: Rome"]
@@ -71,8 +73,108 @@ def test_metrics_count_requests_by_variant_and_code(servers):
     assert "canaryflow_server_latency_seconds_bucket" in text
 
 
+# --- operating metrics: token lengths, length limit, online quality, drift, the input log ----------------------
+
+
+@pytest.fixture(scope="module")
+def metered(trained, prepared, tmp_path_factory):
+    """A server as `serve` runs one: a token limit, a drift gauge over its model's training profile, and an
+    input log that keeps every request."""
+    generator = Seq2SeqGenerator(trained[0])
+    log_dir = tmp_path_factory.mktemp("input-log")
+    serving = ServingConfig(max_input_tokens=40, drift_window=40, input_log=InputLogConfig(sample_rate=1.0))
+    input_log = InputLog.open(serving.input_log, log_dir, "challenger", "7")
+    handler = make_handler(
+        generator, "challenger", "7", serving=serving, profile=prepared[1]["profile"], input_log=input_log
+    )
+    srv = serve_in_thread(handler)
+    yield f"http://127.0.0.1:{srv.server_address[1]}", log_dir
+    srv.shutdown()
+    input_log.close()
+
+
+def _samples(url: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, text = _get(url + "/metrics")
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def _value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, *sorted({"variant": "challenger", "model_version": "7", **labels}.items())), 0.0)
+
+
+def test_an_input_over_the_token_limit_is_refused_with_413_naming_it(metered):
+    url, _ = metered
+    before = _value(_samples(url), "canaryflow_server_refused_total", reason="input_too_long")
+    status, raw, _ = post_json(url + "/predict", json.dumps({"inputs": ["name: Ada", "word " * 60]}).encode(), 30)
+    assert status == 413
+    error = json.loads(raw)["error"]
+    assert error.startswith("input 2 of 2 is ") and "at most 40 (serving.max_input_tokens)" in error
+    after = _samples(url)
+    assert _value(after, "canaryflow_server_refused_total", reason="input_too_long") == before + 1
+    assert _value(after, "canaryflow_server_max_input_tokens") == 40
+    too_many = json.dumps({"inputs": ["x"] * 65}).encode()
+    assert post_json(url + "/predict", too_many, 30)[0] == 413
+    assert _value(_samples(url), "canaryflow_server_refused_total", reason="too_many_inputs") == 1
+
+
+def test_metrics_carry_token_lengths_and_online_quality_per_version(metered, trained):
+    url, _ = metered
+    before = _samples(url)
+    body = {"inputs": INPUTS, "references": [["Ada bakes in Oslo."], "Bo flies from Rome."]}
+    status, raw, _ = post_json(url + "/predict", json.dumps(body).encode(), 30)
+    assert status == 200
+    predictions = json.loads(raw)["predictions"]
+    after = _samples(url)
+
+    def added(name: str) -> float:
+        return _value(after, name) - _value(before, name)
+
+    tokenizer = Seq2SeqGenerator(trained[0]).tokenizer
+    assert added("canaryflow_server_input_tokens_count") == 2
+    assert added("canaryflow_server_input_tokens_sum") == sum(len(tokenizer(x)["input_ids"]) for x in INPUTS)
+    assert added("canaryflow_server_output_tokens_count") == 2
+    assert added("canaryflow_server_quality_chrf_count") == 2
+    expected = sum(
+        sacrebleu.sentence_chrf(p, [r]).score
+        for p, r in zip(predictions, ["Ada bakes in Oslo.", "Bo flies from Rome."])
+    )
+    assert added("canaryflow_server_quality_chrf_sum") == pytest.approx(expected)
+    bad = {"inputs": INPUTS, "references": [["only one"]]}
+    assert post_json(url + "/predict", json.dumps(bad).encode(), 30)[0] == 400
+
+
+def test_drift_gauge_rises_on_shifted_inputs_and_the_log_keeps_them_masked(metered, prepared):
+    from canaryflow.data.card import drift, profile_against
+    from canaryflow.serving.inputlog import read_inputs
+
+    url, log_dir = metered
+    familiar = [f"name: Ada | job: baker | city: Oslo {i}" for i in range(40)]
+    shifted = [f"Mail ops{i}@example.com about invoice {i} overdue now" for i in range(40)]
+    for batch in (familiar[:20], familiar[20:]):
+        assert post_json(url + "/predict", json.dumps({"inputs": batch}).encode(), 60)[0] == 200
+    calm = _value(_samples(url), "canaryflow_server_input_drift", feature="vocabulary")
+    for batch in (shifted[:20], shifted[20:]):
+        assert post_json(url + "/predict", json.dumps({"inputs": batch}).encode(), 60)[0] == 200
+    samples = _samples(url)
+    drifted = _value(samples, "canaryflow_server_input_drift", feature="vocabulary")
+    assert _value(samples, "canaryflow_server_drift_window_inputs") == 40  # the window holds the shifted ones only
+    expected = drift(profile_against(shifted, prepared[1]["profile"]), prepared[1]["profile"])
+    assert drifted == pytest.approx(expected["vocabulary"])
+    assert drifted > calm + 0.3
+    logged = read_inputs(log_dir, limit=40)
+    assert logged[-1] == "Mail <email> about invoice <num> overdue now"
+    assert not any("@" in text for text in logged)
+    assert _value(samples, "canaryflow_server_input_log_records_total") >= 4
+
+
 def test_router_splits_by_weight_and_changes_at_run_time(servers):
-    router = Router(servers, timeout=30, seed=7)
+    router = Router(servers, timeout=30, seed=7, versions={"champion": "1", "challenger": "2"})
     try:
         router.set_weights({"champion": 75, "challenger": 25})
         picks = Counter(router.pick() for _ in range(4000))
@@ -82,8 +184,14 @@ def test_router_splits_by_weight_and_changes_at_run_time(servers):
         assert status == 200 and headers["X-Canary-Variant"] == "challenger"
         assert json.loads(raw)["model_version"] == "2"
         _, text = _get(router.url + "/metrics")
-        assert 'canaryflow_router_requests_total{code="200",variant="challenger"} 1.0' in text
-        assert 'canaryflow_router_weight_percent{variant="challenger"} 100.0' in text
+        assert 'canaryflow_router_requests_total{code="200",model_version="2",variant="challenger"} 1.0' in text
+        assert 'canaryflow_router_weight_percent{model_version="2",variant="challenger"} 100.0' in text
+        assert 'canaryflow_router_weight_percent{model_version="1",variant="champion"} 0.0' in text
+        router.set_canary_state("canary", "2")
+        router.set_canary_state("promoted", "2")
+        text = _get(router.url + "/metrics")[1]
+        assert 'canaryflow_canary_state{model_version="2",state="promoted"} 1.0' in text
+        assert 'canaryflow_canary_state{model_version="2",state="canary"} 0.0' in text
         with pytest.raises(ValueError):
             router.set_weights({"challenger": 60})
     finally:
@@ -221,32 +329,36 @@ def test_garbage_fault_answers_200_with_unrelated_text(faulty):
 
 
 @pytest.fixture(scope="module")
-def mlflow_model_dir(trained, tmp_path_factory):
+def mlflow_model_dir(trained, prepared, tmp_path_factory):
     """What KServe's storage initializer leaves in /mnt/models for a version canaryflow registered."""
     import mlflow.pyfunc
 
     from canaryflow.registry.models import PYFUNC_ENTRY
 
-    path = tmp_path_factory.mktemp("mlmodel") / "model"
+    base = tmp_path_factory.mktemp("mlmodel")
+    profile = base / "input_profile.json"
+    profile.write_text(json.dumps(prepared[1]["profile"]))
+    path = base / "model"
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(PYFUNC_ENTRY),
-        artifacts={"model_dir": str(trained[0])},
+        artifacts={"model_dir": str(trained[0]), "input_profile": str(profile)},
         model_config={"max_source_length": 128},
         pip_requirements=["canaryflow"],
     )
     return path
 
 
-def test_load_generator_reads_an_mlflow_model_directory(mlflow_model_dir, trained):
+def test_load_generator_reads_an_mlflow_model_directory(mlflow_model_dir, trained, prepared):
     import torch
 
     threads = torch.get_num_threads()
     try:
-        generator = load_generator(str(mlflow_model_dir), num_threads=1)
+        generator, profile = load_generator(str(mlflow_model_dir), num_threads=1)
     finally:
         torch.set_num_threads(threads)  # the server's setting must not slow the rest of the session
     assert generator.generate(INPUTS) == Seq2SeqGenerator(trained[0]).generate(INPUTS)
+    assert profile == prepared[1]["profile"]  # the training data's profile travels inside the model
 
 
 def test_local_backend_serves_an_mlflow_model_dir_and_crashes_as_told(mlflow_model_dir, tmp_path):
@@ -350,8 +462,8 @@ def test_router_forwards_the_original_bytes_over_kept_alive_connections(make_rou
     assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
     assert len(stubs["champion"].peers) == 1  # one upstream connection for all three
     text = _metrics(router.url)
-    assert 'canaryflow_router_requests_total{code="200",variant="champion"} 3.0' in text
-    assert 'canaryflow_router_latency_seconds_count{variant="champion"} 3.0' in text
+    assert 'canaryflow_router_requests_total{code="200",model_version="unknown",variant="champion"} 3.0' in text
+    assert 'canaryflow_router_latency_seconds_count{model_version="unknown",variant="champion"} 3.0' in text
     assert "canaryflow_router_in_flight 0.0" in text
 
 
@@ -422,7 +534,10 @@ def test_mirror_answers_from_primary_at_once_and_pairs_the_shadow_by_request_id(
     assert json.loads(result.body)["model_version"] == "challenger"
     assert stubs["challenger"].bodies == [b'{"inputs": ["a"]}']
     assert router.mirrored(request_id, timeout=0.1) is None  # claimed once
-    assert 'canaryflow_router_mirrored_requests_total{code="200",variant="challenger"} 1.0' in _metrics(router.url)
+    assert (
+        'canaryflow_router_mirrored_requests_total{code="200",model_version="unknown",variant="challenger"} 1.0'
+        in _metrics(router.url)
+    )
 
     router.set_mirror(None, None)
     _, _, headers = post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)
@@ -440,7 +555,10 @@ def test_mirror_drops_copies_a_stuck_shadow_cannot_take(make_router, stubs):
     ids = [post_json(router.url + "/predict", b"{}", 10)[2]["X-Request-Id"] for _ in range(3)]
     started = time.perf_counter()
     assert router.mirrored(ids[1], timeout=5) is None and time.perf_counter() - started < 1
-    assert 'canaryflow_router_mirrored_requests_total{code="dropped",variant="challenger"} 2.0' in _metrics(router.url)
+    assert (
+        'canaryflow_router_mirrored_requests_total{code="dropped",model_version="unknown",variant="challenger"} 2.0'
+        in _metrics(router.url)
+    )
     stubs["challenger"].gate.set()
     assert router.mirrored(ids[0], timeout=5).status == 200
 

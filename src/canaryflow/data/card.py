@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,23 @@ def length_percentiles(lengths) -> dict[str, float]:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
     stats = {f"p{q}": int(values[max(1, math.ceil(q / 100 * len(values))) - 1]) for q in (50, 90, 99)}
     return {**stats, "max": int(values[-1]), "mean": round(float(values.mean()), 2)}
+
+
+# The input log masks these before writing (serving/inputlog.py); the vocabulary profile counts them masked
+# too, so a profile of logged inputs and one of raw training inputs measure the same thing.
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+NUMBER = re.compile(r"\d+")
+EMAIL_MASK, NUMBER_MASK = "<email>", "<num>"
+
+
+def mask_text(text: str, emails: bool = True, numbers: bool = True) -> str:
+    """E-mail addresses and digit runs replaced by placeholders; no whitespace is added or removed, so word
+    counts (and the length histogram) are those of the original text."""
+    if emails:
+        text = EMAIL.sub(EMAIL_MASK, text)
+    if numbers:
+        text = NUMBER.sub(NUMBER_MASK, text)
+    return text
 
 
 PROFILE_SAMPLE = 20_000  # inputs whose words make the vocabulary profile: plenty for a distance, cheap at 1M rows
@@ -51,7 +69,7 @@ def input_profile(texts, word_counts) -> dict[str, dict[str, float]]:
         sample = texts.take(picked).to_pylist() if hasattr(texts, "take") else [texts[i] for i in picked]
     else:
         sample = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)
-    words = Counter(word for t in sample for word in t.lower().split())
+    words = Counter(word for t in sample for word in mask_text(t).lower().split())
     n_words = max(sum(words.values()), 1)
     top = {word: count / n_words for word, count in words.most_common(TOP_WORDS)}
     top[OTHER] = max(0.0, 1.0 - sum(top.values()))
@@ -59,6 +77,19 @@ def input_profile(texts, word_counts) -> dict[str, dict[str, float]]:
         "length_histogram": dict(sorted(histogram.items())),
         "vocabulary": {word: round(share, 6) for word, share in top.items()},
     }
+
+
+def profile_against(texts: list[str], reference: dict) -> dict[str, dict[str, float]]:
+    """The input profile of `texts` on the reference profile's own keys: every word outside the reference's top
+    words counts as <other>, as it did when the reference was taken. Comparing two top-word lists instead
+    would call a word new whenever it was merely rarer than the reference's cut-off."""
+    lengths = input_profile(texts, [len(t.split()) for t in texts])["length_histogram"]
+    known = set(reference["vocabulary"]) - {OTHER}
+    words = Counter(word for t in texts for word in mask_text(t).lower().split())
+    total = max(sum(words.values()), 1)
+    vocabulary = {word: words[word] / total for word in known if words[word]}
+    vocabulary[OTHER] = sum(n for word, n in words.items() if word not in known) / total
+    return {"length_histogram": lengths, "vocabulary": vocabulary}
 
 
 def js_distance(p: dict[str, float], q: dict[str, float]) -> float:
@@ -124,6 +155,17 @@ def render_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_length_shares(ax, series: dict[str, dict[str, float]]) -> None:
+    """Side-by-side bars of input-length shares on the fixed bins, one series per named distribution."""
+    labels = _bin_labels()
+    width = 0.8 / len(series)
+    for i, (name, shares) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [shares.get(label, 0.0) for label in labels], width=width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("input length (words)")
+
+
 def plot_input_lengths(card: dict, ax=None):
     """Input-length shares per bin, beside the champion's when the card has them: drift a person can see."""
     import matplotlib
@@ -133,17 +175,11 @@ def plot_input_lengths(card: dict, ax=None):
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3))
-    labels = _bin_labels()
     series = {"this data": card["profile"]["length_histogram"]}
     drift_info = card.get("drift")
     if drift_info and "reference_length_histogram" in drift_info:
         series[f"champion v{drift_info['champion_version']}'s data"] = drift_info["reference_length_histogram"]
-    width = 0.8 / len(series)
-    for i, (name, shares) in enumerate(series.items()):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [shares.get(label, 0.0) for label in labels], width=width, label=name)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("input length (words)")
+    bar_length_shares(ax, series)
     ax.set_ylabel("share of training inputs")
     title = "input lengths"
     if drift_info:

@@ -5,7 +5,9 @@ Aliases: `champion` (serving), `challenger` (in canary), `previous-champion` (on
 
 from __future__ import annotations
 
+import json
 import subprocess
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -68,7 +70,12 @@ def _requirements() -> list[str]:
 
 
 def register_candidate(
-    cfg: Config, run_key: str, model_dir: str | Path, evaluation: dict, lineage: dict[str, str]
+    cfg: Config,
+    run_key: str,
+    model_dir: str | Path,
+    evaluation: dict,
+    lineage: dict[str, str],
+    input_profile: dict | None = None,
 ) -> str:
     """Log the model as pyfunc, register it with lineage, the gate verdict and a model card; return its version.
 
@@ -95,13 +102,19 @@ def register_candidate(
                 if existing[0].tags.get(key) != value:
                     client.set_model_version_tag(name, version, key, value)
         else:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_ENTRY),
-                artifacts={"model_dir": str(model_dir)},
-                model_config={"max_source_length": cfg.data.max_source_length},
-                pip_requirements=_requirements(),
-            )
+            with tempfile.TemporaryDirectory(prefix="canaryflow-profile-") as tmp:
+                artifacts = {"model_dir": str(model_dir)}
+                if input_profile is not None:
+                    # Inside the model, so that a server (KServe's included) measures drift with no registry access.
+                    artifacts["input_profile"] = str(Path(tmp) / "input_profile.json")
+                    Path(artifacts["input_profile"]).write_text(json.dumps(input_profile), encoding="utf-8")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_ENTRY),
+                    artifacts=artifacts,
+                    model_config={"max_source_length": cfg.data.max_source_length},
+                    pip_requirements=_requirements(),
+                )
             _ensure_registered_model(client, name)
             version = str(
                 client.create_model_version(
@@ -207,6 +220,23 @@ def download_model_dir(cfg: Config, uri: str, dest: Path) -> Path:
         raise BadInputError(f"model.base {uri}: {str(exc).splitlines()[0]}") from None
     flavor = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
     return local / flavor["artifacts"]["model_dir"]["path"]
+
+
+def resolve_version(uri: str) -> str | None:
+    """The version number a models:/NAME/VERSION or models:/NAME@ALIAS URI stands for now; None if not found."""
+    from mlflow.exceptions import MlflowException
+
+    name, sep, ref = uri.removeprefix("models:/").rpartition("@" if "@" in uri else "/")
+    if not sep or not name:
+        return None
+    if sep == "/":
+        return ref
+    try:
+        return str(_client().get_model_version_by_alias(name, ref).version)
+    except MlflowException as exc:
+        if not_found(exc):
+            return None
+        raise
 
 
 def model_uri(cfg: Config, version: str) -> str:

@@ -8,6 +8,9 @@ code" (pyfunc_entry.py), so no live model object is ever pickled into the regist
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow.pyfunc
 
 
@@ -21,6 +24,10 @@ class Seq2SeqModel(mlflow.pyfunc.PythonModel):
             max_source_length=int(config.get("max_source_length", 128)),
             num_threads=config.get("num_threads"),
         )
+        # The training data's input profile (from its data card), so a server can tell how far live inputs
+        # have drifted from it; versions logged before it was bundled have none.
+        profile = context.artifacts.get("input_profile")
+        self.input_profile = json.loads(Path(profile).read_text(encoding="utf-8")) if profile else None
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         params = params or {}

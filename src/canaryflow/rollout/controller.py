@@ -22,6 +22,7 @@ from canaryflow import progress
 from canaryflow.config import CanaryConfig, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import CanaryflowError
+from canaryflow.evaluation.online import sentence_chrf
 from canaryflow.registry import models
 from canaryflow.rollout import analysis
 from canaryflow.rollout.analysis import CONTINUE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
@@ -139,7 +140,9 @@ def send_one(url: str, text: str, references: list[str], timeout: float) -> tupl
     """One request through the router: its outcome, and the router's request id (to pair a mirrored answer)."""
     started = time.perf_counter()
     try:
-        status, body, headers = post_json(url + "/predict", json.dumps({"inputs": [text]}).encode(), timeout)
+        # The references ride along, as labels that came back would: the servers export online quality from them.
+        payload = {"inputs": [text], "references": [references]} if references else {"inputs": [text]}
+        status, body, headers = post_json(url + "/predict", json.dumps(payload).encode(), timeout)
     except OSError:
         # The router itself did not answer; count it against nobody rather than guess a variant.
         return Observation("unrouted", False, (time.perf_counter() - started) * 1000), None
@@ -150,16 +153,23 @@ def send_one(url: str, text: str, references: list[str], timeout: float) -> tupl
 
 
 def score_answer(variant: str, status: int, body: bytes, latency_ms: float, references: list[str]) -> Observation:
-    import sacrebleu
-
     if status != 200:
         return Observation(variant, False, latency_ms)
     try:
         prediction = json.loads(body)["predictions"][0]
     except (ValueError, KeyError, IndexError, TypeError):
         return Observation(variant, False, latency_ms)
-    chrf = sacrebleu.sentence_chrf(prediction, references).score if references else None
-    return Observation(variant, True, latency_ms, chrf)
+    return Observation(variant, True, latency_ms, sentence_chrf(prediction, references))
+
+
+def _canary_state(weights: dict[str, int], mirror: bool) -> str:
+    """What a shift means: drive's last shift gives all the traffic to one side, the verdict."""
+    challenger = weights.get(CHALLENGER, 0)
+    if mirror:
+        return "shadow"
+    if CHAMPION in weights and challenger in (0, 100):
+        return "promoted" if challenger == 100 else "rolled_back"
+    return "canary"
 
 
 class ReplayedTraffic:
@@ -180,6 +190,7 @@ class ReplayedTraffic:
         router = self.backend.router
         router.set_weights({k: v for k, v in weights.items() if k in router.backends})
         router.set_mirror(CHAMPION, CHALLENGER) if mirror else router.set_mirror(None, None)
+        router.set_canary_state(_canary_state(weights, mirror), router.versions[CHALLENGER])
 
     def _send(self, count: int):
         items = [next(self._items) for _ in range(count)]
@@ -258,6 +269,7 @@ def run_kserve_canary(cfg: Config, version: str, champion_version: str, sleep=ti
         v: storage_uri(client.get_model_version_download_uri(name, v), destination) for v in (version, champion_version)
     }
     backend = KServeBackend(cfg, api=api, prometheus=prometheus, sleep=sleep)
+    backend.versions = {uri: v for v, uri in storage.items()}
     started = time.perf_counter()
     try:
         backend.deploy(storage[champion_version], storage[version])
@@ -285,9 +297,11 @@ def run_canary(
     log_dir: Path,
     faults: dict[str, str] | None = None,
     reporter=progress.emit,
+    on_start=None,
 ) -> dict:
     """Run the rollout on the local backend; return verdict ('promoted' | 'rolled_back') and evidence, and
-    the weights the router was left with (`router_weights`)."""
+    the weights the router was left with (`router_weights`). `on_start` gets the /metrics URLs of the router
+    and each server once they are up."""
     servers = {CHALLENGER: challenger}
     if champion is not None:
         servers[CHAMPION] = champion
@@ -308,7 +322,10 @@ def run_canary(
         log_dir,
         env,
         faults=faults,
+        serving=cfg.serving,
     ) as backend:
+        if on_start is not None:
+            on_start(backend.metrics_urls())
         traffic = ReplayedTraffic(backend, inputs, references, policy)
         try:
             result = drive(policy, traffic, champion is not None, on_look=report)

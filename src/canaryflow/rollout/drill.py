@@ -44,9 +44,10 @@ def _record(cfg: Config, result: dict, out: Path, timeline: Path) -> str:
     return run.info.run_id
 
 
-def canary_drill(cfg: Config, workdir: Path, fault: str, reporter=progress.ignore) -> dict:
+def canary_drill(cfg: Config, workdir: Path, fault: str, reporter=progress.ignore, on_start=None) -> dict:
     """Run one drill against the registry's champion; return what the gates decided, how fast, and proof
-    that the champion kept the traffic and the registry is as it was."""
+    that the champion kept the traffic and the registry is as it was. `on_start` gets the /metrics URLs, so
+    dashboards can be watched while the challenger misbehaves."""
     from canaryflow.rollout.controller import run_canary, save_timeline
     from canaryflow.serving.faults import parse_fault
 
@@ -57,8 +58,12 @@ def canary_drill(cfg: Config, workdir: Path, fault: str, reporter=progress.ignor
     before = models.aliases(cfg)
     out = workdir / "drills" / f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^a-z0-9]+', '-', fault.lower())}"
     cache = workdir / "drills" / "models" / f"v{version}"
-    model_dir = next(cache.glob("**/config.json"), None)
-    model_dir = model_dir.parent if model_dir else models.download_model_dir(cfg, models.model_uri(cfg, version), cache)
+    # The whole MLflow model, served as KServe serves it: it carries the training data's profile for drift.
+    mlmodel = next(cache.glob("**/MLmodel"), None)
+    if mlmodel is None:
+        models.download_model_dir(cfg, models.model_uri(cfg, version), cache)
+        mlmodel = next(cache.glob("**/MLmodel"))
+    model_dir = mlmodel.parent
     inputs, references = _drill_data(cfg, workdir, out / "data")
     result = run_canary(
         cfg,
@@ -69,6 +74,7 @@ def canary_drill(cfg: Config, workdir: Path, fault: str, reporter=progress.ignor
         out / "logs",
         faults=None if fault == "none" else {"challenger": fault},
         reporter=reporter,
+        on_start=on_start,
     )
     after = models.aliases(cfg)
     if after != before:

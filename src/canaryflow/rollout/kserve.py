@@ -36,6 +36,8 @@ from canaryflow.images import BASE_IMAGE
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONTAINER = "kserve-container"  # the one container KServe gives the downloaded model
 STORAGE_ENV = "STORAGE_URI"
+# The registered version the storage holds, for the server's model_version label: /mnt/models does not say.
+VERSION_ENV = "CANARYFLOW_MODEL_VERSION"
 MODEL_DIR = "/mnt/models"
 PORT = 8080
 POLL_S = 2.0
@@ -78,7 +80,7 @@ def storage_uri(artifact_uri: str, artifacts_destination: str | None = None) -> 
     return artifact_uri
 
 
-def inference_service(name: str, storage: str, namespace: str | None = None) -> dict:
+def inference_service(name: str, storage: str, namespace: str | None = None, version: str | None = None) -> dict:
     """The InferenceService that serves `storage`: manifests/base/inferenceservice.yaml in Python (a test
     holds the two equal), for the canary step to create when the manifests were never applied."""
     metadata: dict[str, Any] = {
@@ -93,7 +95,7 @@ def inference_service(name: str, storage: str, namespace: str | None = None) -> 
         "image": BASE_IMAGE,
         "command": ["canaryflow", "serve"],
         "args": ["--model-uri", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT)],
-        "env": [{"name": STORAGE_ENV, "value": storage}],
+        "env": [{"name": STORAGE_ENV, "value": storage}, {"name": VERSION_ENV, "value": version or "unknown"}],
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "initialDelaySeconds": 5},
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
@@ -258,6 +260,7 @@ class KServeBackend:
         self._prometheus = prometheus if prometheus is not None else prometheus_query(kserve.prometheus_url)
         self._sleep = sleep
         self._canary: _Canary | None = None
+        self.versions: dict[str, str] = {}  # storage URI -> registered version, for the servers' metric labels
 
     @property
     def where(self) -> str:
@@ -274,7 +277,7 @@ class KServeBackend:
             self._call(
                 "create",
                 "create_namespaced_custom_object",
-                inference_service(self.name, champion_storage, self.namespace),
+                inference_service(self.name, champion_storage, self.namespace, self.versions.get(champion_storage)),
             )
             isvc = self._wait_rolled_out(before=None)
         elif _storage(isvc) != champion_storage:
@@ -397,12 +400,13 @@ class KServeBackend:
                 "container (manifests/base/inferenceservice.yaml)"
             )
         env = container.setdefault("env", [])
-        entry = next((e for e in env if e.get("name") == STORAGE_ENV), None)
-        if entry is None:
-            env.append({"name": STORAGE_ENV, "value": storage})
-        else:
-            entry.clear()  # a valueFrom must not survive beside the value
-            entry.update(name=STORAGE_ENV, value=storage)
+        for name, value in ((STORAGE_ENV, storage), (VERSION_ENV, self.versions.get(storage, "unknown"))):
+            entry = next((e for e in env if e.get("name") == name), None)
+            if entry is None:
+                env.append({"name": name, "value": value})
+            else:
+                entry.clear()  # a valueFrom must not survive beside the value
+                entry.update(name=name, value=value)
         return {"spec": {"predictor": {"canaryTrafficPercent": percent, "containers": containers}}}
 
     def _wait(

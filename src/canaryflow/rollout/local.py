@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from canaryflow.config import ServingConfig
 from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.serving.faults import parse_fault
 from canaryflow.serving.http import (
@@ -57,6 +58,7 @@ class ModelServerProcess:
         log_dir: Path,
         env: dict[str, str],
         fault: str = "none",
+        serving: ServingConfig | None = None,
     ):
         parse_fault(fault)  # a bad spec is the caller's mistake: say so here, not as a server that died starting
         self.variant = variant
@@ -80,6 +82,8 @@ class ModelServerProcess:
                 str(self._port_file),
                 "--fault",
                 fault,
+                "--serving-config",
+                (serving or ServingConfig()).model_dump_json(),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -136,6 +140,7 @@ class Router:
         timeout: float,
         seed: int = 0,
         *,
+        versions: dict[str, str] | None = None,
         max_in_flight: int = 64,
         mirror_cap: int = 1024,
     ):
@@ -144,6 +149,9 @@ class Router:
         if max_in_flight < 1 or mirror_cap < 1:
             raise ValueError(f"max_in_flight and mirror_cap must be >= 1: {max_in_flight}, {mirror_cap}")
         self.backends = dict(backends)
+        # Every per-variant series also carries the model version, so a dashboard can follow one version
+        # from canary to champion, whichever variant name it held.
+        self.versions = {name: (versions or {}).get(name, "unknown") for name in backends}
         self.weights = {name: 0 for name in backends}
         self.mirror: tuple[str, str] | None = None
         self.timeout = timeout
@@ -164,13 +172,13 @@ class Router:
         self._requests = Counter(
             "canaryflow_router_requests",
             "Requests routed, by variant and status.",
-            ("variant", "code"),
+            ("variant", "model_version", "code"),
             registry=self.registry,
         )
         self._latency = Histogram(
             "canaryflow_router_latency_seconds",
             "Upstream answer time of routed requests, as the router saw it.",
-            ("variant",),
+            ("variant", "model_version"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -178,13 +186,13 @@ class Router:
             "canaryflow_router_mirrored_requests",
             "Copies sent to the shadow in mirror mode, by variant and status; code 'dropped' when the shadow "
             "was too far behind to take one.",
-            ("variant", "code"),
+            ("variant", "model_version", "code"),
             registry=self.registry,
         )
         self._mirror_latency = Histogram(
             "canaryflow_router_mirror_latency_seconds",
             "Answer time of the shadow's copies.",
-            ("variant",),
+            ("variant", "model_version"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -195,8 +203,19 @@ class Router:
             ("reason",),
             registry=self.registry,
         )
+        for reason in ("too_large", "malformed", "overloaded"):
+            self._rejected.labels(reason)
         self._weight = Gauge(
-            "canaryflow_router_weight_percent", "Traffic weight per variant.", ("variant",), registry=self.registry
+            "canaryflow_router_weight_percent",
+            "Traffic weight per variant.",
+            ("variant", "model_version"),
+            registry=self.registry,
+        )
+        self._state = Gauge(
+            "canaryflow_canary_state",
+            "1 for the canary's current state (shadow, canary, promoted, rolled_back), per challenger version.",
+            ("model_version", "state"),
+            registry=self.registry,
         )
         self.server = serve_in_thread(self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -208,7 +227,7 @@ class Router:
         with self._lock:
             self.weights = {name: weights.get(name, 0) for name in self.backends}
         for name, weight in self.weights.items():
-            self._weight.labels(name).set(weight)
+            self._weight.labels(name, self.versions[name]).set(weight)
 
     def set_mirror(self, primary: str | None, shadow: str | None) -> None:
         """Send every request to `primary`, whose answer the client gets, and a copy to `shadow` in the
@@ -219,6 +238,15 @@ class Router:
             raise ValueError(f"mirror needs two different variants of {sorted(self.backends)}: {primary}, {shadow}")
         with self._lock:
             self.mirror = (primary, shadow) if primary is not None else None
+
+    CANARY_STATES = ("shadow", "canary", "promoted", "rolled_back")
+
+    def set_canary_state(self, state: str, model_version: str) -> None:
+        """Mark the canary of `model_version` as in `state` (and in no other), for the on-call dashboard."""
+        if state not in self.CANARY_STATES:
+            raise ValueError(f"canary state must be one of {self.CANARY_STATES}: {state!r}")
+        for name in self.CANARY_STATES:
+            self._state.labels(model_version, name).set(1 if name == state else 0)
 
     def pick(self) -> str:
         with self._lock:
@@ -259,8 +287,8 @@ class Router:
         result = None
         try:
             status, payload, _, seconds = self._forward(variant, body, request_id)
-            self._mirrored.labels(variant, str(status)).inc()
-            self._mirror_latency.labels(variant).observe(seconds)
+            self._mirrored.labels(variant, self.versions[variant], str(status)).inc()
+            self._mirror_latency.labels(variant, self.versions[variant]).observe(seconds)
             result = MirrorResult(status, round(seconds * 1000, 3), payload)
         finally:
             self._shadow_slots.release()
@@ -277,7 +305,7 @@ class Router:
 
     def _send_copy(self, shadow: str, body: bytes, request_id: str) -> None:
         if not self._shadow_slots.acquire(blocking=False):
-            self._mirrored.labels(shadow, "dropped").inc()
+            self._mirrored.labels(shadow, self.versions[shadow], "dropped").inc()
             return
         with self._mirror_done:
             self._mirror_pending.add(request_id)  # before the client's answer, so mirrored() knows to wait
@@ -326,8 +354,9 @@ class Router:
                 if mirror:
                     router._send_copy(mirror[1], body, ids["X-Request-Id"])
                 status, payload, kind, seconds = router._forward(variant, body, ids["X-Request-Id"])
-                router._requests.labels(variant, str(status)).inc()
-                router._latency.labels(variant).observe(seconds)
+                version = router.versions[variant]
+                router._requests.labels(variant, version, str(status)).inc()
+                router._latency.labels(variant, version).observe(seconds)
                 self.send_bytes(status, payload, kind, {"X-Canary-Variant": variant, **ids})
 
         return RouterHandler
@@ -352,6 +381,7 @@ class LocalBackend:
         log_dir: Path,
         env: dict[str, str] | None = None,
         faults: dict[str, str] | None = None,
+        serving: ServingConfig | None = None,
     ):
         unknown = set(faults or {}) - set(servers)
         if unknown:
@@ -359,6 +389,7 @@ class LocalBackend:
         for spec in (faults or {}).values():
             parse_fault(spec)
         self._faults = faults or {}  # variant -> fault spec, for drills
+        self._serving = serving  # limits, drift window and input log of every server
         self._specs = servers  # variant -> (model uri, model version)
         self._env = env or {}
         self._num_threads = num_threads
@@ -380,10 +411,12 @@ class LocalBackend:
                     self._log_dir,
                     self._env,
                     self._faults.get(variant, "none"),
+                    self._serving,
                 )
             deadline = time.monotonic() + self._start_timeout
             urls = {variant: server.wait_ready(deadline) for variant, server in self.servers.items()}
-            self.router = Router(urls, self._request_timeout)
+            versions = {variant: version for variant, (_, version) in self._specs.items()}
+            self.router = Router(urls, self._request_timeout, versions=versions)
         except BaseException:
             self.close()
             raise
@@ -391,6 +424,11 @@ class LocalBackend:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where each part serves its Prometheus metrics, for a person (or a test) watching the rollout."""
+        urls = {variant: f"{server.url}/metrics" for variant, server in self.servers.items() if server.url}
+        return {"router": f"{self.router.url}/metrics", **urls} if self.router else urls
 
     def close(self) -> None:
         if self.router is not None:
