@@ -243,20 +243,10 @@ def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
     summary = json.loads(first.stdout)
     assert summary["metrics"]["challenger"]["macro_f1"] >= 90 and summary["gate"]["passed"] is True
     assert summary["canary"]["verdict"] == "promoted"  # served by the model server, scored on labels
-    # A second run is judged against the classifier now serving, on macro-F1 and accuracy. It is asked for
-    # an improvement no retraining can make, so the gate fails and no second canary runs (the first showed
-    # a classifier's canary; this keeps the suite's time).
-    impossible = ["--set", "gate.non_inferiority={accuracy: 1.0}", "--set", "gate.improvement={macro_f1: 50.0}"]
-    second = run_cli(*args, *impossible, cwd=REPO)
-    assert second.returncode == 0, second.stderr[-2000:]
-    again = json.loads(second.stdout)
-    assert again["version"] == "2" and summary["registry"]["aliases"]["champion"] == "1"
-    reasons = again["gate"]["reasons"]
-    assert any(r.startswith("FAIL macro_f1 vs champion") for r in reasons), reasons
-    assert any(r.startswith(("ok accuracy vs champion", "FAIL accuracy vs champion")) for r in reasons), reasons
-    assert again["canary"]["verdict"] == "not_run" and again["registry"]["aliases"]["champion"] == "1"
     _, versions = _registry(tmp_path / "wd")
-    assert "gate.macro_f1.p_value" in versions["2"].tags
+    assert versions["1"].tags["gate.passed"] == "true" and "macro_f1" in versions["1"].tags["gate.reasons"]
+    # Judging a classifier against a classifier champion is tested in-process (tests/unit/test_training.py):
+    # a second whole run here would cost the suite most of a minute.
 
 
 def test_registry_commands_and_rollback_read_and_write_the_ledger(lifecycle_run):

@@ -212,6 +212,28 @@ def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
     saved = AutoConfig.from_pretrained(tmp_path / "model")
     assert saved.id2label == {0: "negative", 1: "positive"}
 
+    # Judged against a classifier champion, on macro-F1 and accuracy: asked for an improvement no retraining
+    # can make (the champion is the same model), the gate fails with the statistics behind it.
+    from canaryflow.evaluation.generate import load_predictor
+    from canaryflow.evaluation.scoring import evaluate_models
+
+    cfg = load_config(
+        overrides=[
+            *(f"data.{s}={tmp_path / f'{s}.jsonl'}" for s in ("train", "validation", "test")),
+            "model.task=classification",
+            "gate.floors={macro_f1: 70.0}",
+            "gate.non_inferiority={accuracy: 1.0}",
+            "gate.improvement={macro_f1: 50.0}",
+        ]
+    )
+    champion = ("1", load_predictor(tmp_path / "model", cfg.data.max_source_length))
+    result = evaluate_models(cfg, tmp_path / "data", tmp_path / "model", champion, tmp_path / "evaluation")
+    reasons = result["gate"]["reasons"]
+    assert result["gate"]["passed"] is False
+    assert any(r.startswith("FAIL macro_f1 vs champion") for r in reasons), reasons
+    assert any(r.startswith("ok accuracy vs champion") for r in reasons), reasons
+    assert set(result["comparisons"]) >= {"macro_f1", "accuracy"}
+
 
 def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
     cmd = launch.command(4, tmp_path / "c.json", "/data", "/out", "/ckpt/run")
