@@ -172,3 +172,17 @@ def test_shadow_phase_catches_a_quality_drop_before_any_user_sees_it():
     outcome = drive(policy, SimulatedTraffic(HEALTHY, worse, 3), True)
     assert outcome["verdict"] == "rolled_back" and [s["phase"] for s in outcome["steps"]] == ["shadow"]
     assert "online chrF loss" in outcome["reason"]
+
+
+def test_the_running_percentile_is_the_nearest_rank_percentile_at_every_size():
+    import random
+
+    from canaryflow.stats import RunningPercentile, percentile
+
+    rng, running, seen = random.Random(5), RunningPercentile(), []
+    assert running(95) is None
+    for _ in range(300):
+        value = rng.lognormvariate(5, 0.5)
+        running.add(value)
+        seen.append(value)
+        assert running(95) == percentile(seen, 95) and running(50) == percentile(seen, 50)

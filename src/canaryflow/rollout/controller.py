@@ -27,6 +27,7 @@ from canaryflow.registry import models
 from canaryflow.rollout import analysis
 from canaryflow.rollout.analysis import CONTINUE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
 from canaryflow.rollout.local import LocalBackend, post_json
+from canaryflow.stats import RunningPercentile
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -63,7 +64,7 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
     if has_champion and policy.shadow_requests:
         phases.append(("shadow", 0))
     phases += [("steps", w) for w in policy.steps] if has_champion else [("smoke", 100)]
-    history: list[Observation] = []  # champion latencies so far set the "slow" reference
+    champion_latency = RunningPercentile()  # the champion's answers so far set the "slow" reference
     timeline: list[dict] = []
     results: list[dict] = []
     sent = 0
@@ -77,10 +78,7 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
         seen: list[Observation] = []
         limit = policy.shadow_requests if mirrored else policy.max_requests_per_step
         while True:
-            if phase == "smoke":
-                reference = policy.max_p95_ms
-            else:
-                reference = summarize(history, CHAMPION).p95_ms
+            reference = policy.max_p95_ms if phase == "smoke" else champion_latency(95)
             if mirrored:
                 pairs = traffic.send_mirrored(policy.batch_requests)
                 batch = [o for pair in pairs for o in pair]
@@ -95,7 +93,9 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
                         evidence.add(variant, sli, values)
                 step_requests += sum(o.variant == CHALLENGER for o in batch)
             sent += len(pairs) if mirrored else len(batch)
-            history += batch
+            for o in batch:
+                if o.variant == CHAMPION and o.ok:
+                    champion_latency.add(o.latency_ms)
             seen += batch
             found = analysis.bounds(evidence, policy, phase)
             decision = analysis.look(

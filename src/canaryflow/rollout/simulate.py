@@ -50,7 +50,7 @@ class SimulatedTraffic:
         latency = float(v.latency_ms * np.exp(v.latency_sigma * self.rng.standard_normal()))
         if self.rng.random() < v.error_rate:
             return Observation(variant, False, latency)
-        chrf = float(np.clip(v.chrf + difficulty * v.chrf_sd, 0, 100))
+        chrf = min(max(v.chrf + difficulty * v.chrf_sd, 0.0), 100.0)  # np.clip costs 10x this on one number
         return Observation(variant, True, latency, chrf)
 
     def send(self, count: int) -> list[Observation]:
