@@ -11,13 +11,11 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # torch goes first and pinned: pip then takes the local CPU wheel, where a loose spec pulled in by
-# another package would download a multi-GB CUDA build. --no-compile: pip would byte-compile every file of
-# every package (torch, transformers, mlflow...), most never imported; Python compiles what is used on first
-# import instead. On 2 cores that halves the set-up (3 min to 1.7).
+# another package would download a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -764,18 +764,23 @@ def serve(
     limits and the input log (default: under --workdir, which `drift check` reads)."""
     import mlflow
 
-    from canaryflow.runner import with_workdir
+    from canaryflow.registry.tracking import sqlite_uri
+    from canaryflow.runner import input_log_dir
     from canaryflow.serving.server import main as serve_main
 
-    cfg = with_workdir(_load(config, set_, tracking_uri), workdir)
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
+    # Nothing is created under the workdir here: a predictor's filesystem may be read-only, and the server
+    # then serves without its input log rather than not at all.
+    cfg = _load(config, set_, tracking_uri)
+    store = cfg.mlflow.tracking_uri or sqlite_uri(workdir)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
     if model_version is None and model_uri.startswith("models:/"):
         from canaryflow.registry.models import resolve_version
 
         model_version = resolve_version(model_uri)
     args = ["--model-uri", model_uri, "--host", host, "--port", str(port), "--variant", variant]
     args += ["--model-version", model_version or "unknown", "--serving-config", cfg.serving.model_dump_json()]
+    args += ["--input-log-dir", cfg.serving.input_log.dir or str(input_log_dir(workdir))]
     code = serve_main(args)
     if code:
         raise typer.Exit(code)

@@ -572,3 +572,17 @@ def test_unclaimed_mirror_results_are_capped_oldest_first(make_router):
         # One copy settled at a time: shadows run in parallel, and "oldest" means the first to come back.
         _wait_for(lambda: not router._mirror_pending)
     assert [router.mirrored(i, timeout=0.1) is not None for i in ids] == [False, False, True, True]
+
+
+def test_an_unwritable_input_log_costs_the_log_not_the_serving(tmp_path, capsys):
+    from canaryflow.serving.server import _open_input_log
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    serving = ServingConfig(input_log=InputLogConfig(sample_rate=1.0))
+    assert _open_input_log(serving, str(blocker / "logs"), "primary", "1") is None
+    assert capsys.readouterr().err.startswith("warning: serving without an input log: ")
+    assert _open_input_log(serving, str(tmp_path / "logs"), "primary", "1").path.parent == tmp_path / "logs"
+    leaky = ServingConfig(input_log=InputLogConfig(drop_fields=["inputs"]))
+    with pytest.raises(BadInputError, match="inputs"):  # a filter that cannot work is the operator's to fix
+        _open_input_log(leaky, str(tmp_path / "logs"), "primary", "1")

@@ -17,7 +17,7 @@ from collections import deque
 from pathlib import Path
 
 from canaryflow.config import ServingConfig
-from canaryflow.errors import BadInputError
+from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.evaluation.online import sentence_chrf
 from canaryflow.serving.faults import Fault, parse_fault
 from canaryflow.serving.http import LATENCY_BUCKETS, RequestError, ServiceHandler, serve_in_thread
@@ -281,6 +281,21 @@ def _serving_config(text: str, max_input_tokens: int | None) -> ServingConfig:
     return serving
 
 
+def _open_input_log(serving: ServingConfig, directory: str | None, variant: str, model_version: str):
+    """The input log, or None; a directory that cannot be written (a read-only container filesystem) costs the
+    log, with a warning, never the serving. A filter that would log what it must not stays an error."""
+    log_dir = directory or serving.input_log.dir
+    if not log_dir:
+        return None
+    try:
+        return InputLog.open(serving.input_log, log_dir, variant, model_version)
+    except BadInputError:
+        raise
+    except CanaryflowError as exc:
+        print(f"warning: serving without an input log: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve one canaryflow model over HTTP on loopback.")
     parser.add_argument("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a directory")
@@ -303,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fault = parse_fault(args.fault, args.fault_seed)
         serving = _serving_config(args.serving_config, args.max_input_tokens)
-        log_dir = args.input_log_dir or serving.input_log.dir
-        input_log = InputLog.open(serving.input_log, log_dir, args.variant, args.model_version) if log_dir else None
+        input_log = _open_input_log(serving, args.input_log_dir, args.variant, args.model_version)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
