@@ -719,15 +719,19 @@ def drift_watch(
         as_given = _load(config, set_)  # not the workdir's local paths and store: the cluster has its own
 
         def trigger(result: dict) -> dict:
-            submitted = submit_run(
-                as_given,
-                host,
-                kube_context=kube_context,
-                experiment=experiment,
-                namespace=namespace,
-                token=token,
-                run_name=f"{cfg.registry.model_name} drift {result['worst']} {result['distance'][result['worst']]:.3f}",
-            )
+            worst = result["worst"]
+            try:
+                submitted = submit_run(
+                    as_given,
+                    host,
+                    kube_context=kube_context,
+                    experiment=experiment,
+                    namespace=namespace,
+                    token=token,
+                    run_name=f"{cfg.registry.model_name} drift {worst} {result['distance'][worst]:.3f}",
+                )
+            except CanaryflowError as exc:  # the run was never created: nothing to cool down from
+                raise drift.NothingStarted(exc) from exc
             return {"where": "kfp", "run_id": submitted["run_id"], "url": submitted["url"]}
 
     def report(result: dict) -> None:

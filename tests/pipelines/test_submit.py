@@ -675,3 +675,17 @@ def test_drift_check_without_a_log_or_with_mixed_targets_is_one_line_exit_2(
     args = ("drift", "watch", "--submit", "--local", "--host", "http://127.0.0.1:1", "--workdir", str(champion_workdir))
     code, out, err = _cli(monkeypatch, capsys, *args)
     assert code == 2 and "--local runs the retraining here" in _one_line(err)
+
+
+def test_drift_watch_with_kfp_unreachable_is_one_line_and_tries_again_next_time(
+    champion_workdir, drifted_log, monkeypatch, capsys
+):
+    from tests.pipelines.test_cli_data import _cli
+
+    host = f"http://127.0.0.1:{free_port()}"
+    args = ("drift", "watch", "--submit", "--host", host, "--checks", "1", "--log", str(drifted_log))
+    code, out, err = _cli(
+        monkeypatch, capsys, *args, "--workdir", str(champion_workdir), "--set", "drift.min_inputs=100"
+    )
+    assert code == 1 and _one_line(err).startswith(f"error: cannot reach KFP at {host}")
+    assert not (drifted_log / "drift-watch.json").exists()  # no run began, so no cool-down either

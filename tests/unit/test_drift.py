@@ -129,3 +129,16 @@ def test_without_a_trigger_watch_only_reports(tmp_path, reference):
     )
     assert [r["action"] for r in results] == ["none", "none"] and all(r["drifted"] for r in results)
     assert not (directory / "s.json").exists()
+
+
+def test_a_retraining_that_never_started_does_not_start_the_cool_down(tmp_path, reference):
+    directory = _log(tmp_path / "log", SHIFTED)
+    cfg, clock, state = _cfg(), Clock(), drift.WatchState(directory / "drift-watch.json")
+
+    def unreachable(result):
+        raise drift.NothingStarted(CanaryflowError("cannot reach KFP at http://kfp: connection refused"))
+
+    with pytest.raises(CanaryflowError, match="cannot reach KFP"):
+        drift.step(cfg, directory, state, unreachable, clock, reference)
+    assert state.last() is None
+    assert drift.step(cfg, directory, state, lambda r: {"where": "test"}, clock, reference)["action"] == "triggered"

@@ -121,6 +121,14 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
+class NothingStarted(Exception):
+    """Raised by a trigger that failed before any retraining began; `cause` is the error to report."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class WatchState:
     """The last triggered retraining, in a JSON file beside the input log, written atomically: the cool-down
     holds across restarts of the watcher."""
@@ -135,6 +143,12 @@ class WatchState:
             return json.loads(self.path.read_text(encoding="utf-8"))
         except ValueError:
             raise BadInputError(f"drift watch state {self.path} is not valid JSON: fix or delete it") from None
+
+    def restore(self, entry: dict | None) -> None:
+        if entry is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.save(entry)
 
     def save(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +189,12 @@ def step(
     }
     state.save(entry)
     result["action"] = "triggered"
-    result["run"] = trigger(result)
+    try:
+        result["run"] = trigger(result)
+    except NothingStarted as exc:
+        # No retraining exists (KFP unreachable, say): the next check may try again, not a day later.
+        state.restore(last)
+        raise exc.cause from None
     state.save({**entry, "run": result["run"]})
     return result
 
