@@ -59,33 +59,42 @@ def input_profile(texts, word_counts) -> dict[str, dict[str, float]]:
 
     `texts` is any sequence of strings (a list, or an Arrow array); `word_counts` has one count per text.
     """
-    counts = np.asarray(word_counts)
-    total = max(len(counts), 1)
-    edges = np.array([*LENGTH_BINS, np.iinfo(np.int64).max])
-    per_bin = np.histogram(counts, bins=edges)[0]
-    histogram = {label: int(n) / total for label, n in zip(_bin_labels(), per_bin) if n}
     if len(texts) > PROFILE_SAMPLE:
         picked = np.sort(np.random.default_rng(0).choice(len(texts), PROFILE_SAMPLE, replace=False))
         sample = texts.take(picked).to_pylist() if hasattr(texts, "take") else [texts[i] for i in picked]
     else:
         sample = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)
-    words = Counter(word for t in sample for word in mask_text(t).lower().split())
+    words = _word_counts(sample)
     n_words = max(sum(words.values()), 1)
     top = {word: count / n_words for word, count in words.most_common(TOP_WORDS)}
     top[OTHER] = max(0.0, 1.0 - sum(top.values()))
     return {
-        "length_histogram": dict(sorted(histogram.items())),
+        "length_histogram": length_histogram(word_counts),
         "vocabulary": {word: round(share, 6) for word, share in top.items()},
     }
+
+
+def length_histogram(word_counts) -> dict[str, float]:
+    """Shares of the inputs per fixed length bin (words), empty bins left out."""
+    counts = np.asarray(word_counts)
+    total = max(len(counts), 1)
+    edges = np.array([*LENGTH_BINS, np.iinfo(np.int64).max])
+    per_bin = np.histogram(counts, bins=edges)[0]
+    return {label: int(n) / total for label, n in sorted(zip(_bin_labels(), per_bin)) if n}
+
+
+def _word_counts(texts) -> Counter:
+    # Masked as the input log masks, so raw training inputs and logged inputs count the same words.
+    return Counter(word for t in texts for word in mask_text(t).lower().split())
 
 
 def profile_against(texts: list[str], reference: dict) -> dict[str, dict[str, float]]:
     """The input profile of `texts` on the reference profile's own keys: every word outside the reference's top
     words counts as <other>, as it did when the reference was taken. Comparing two top-word lists instead
     would call a word new whenever it was merely rarer than the reference's cut-off."""
-    lengths = input_profile(texts, [len(t.split()) for t in texts])["length_histogram"]
+    lengths = length_histogram([len(t.split()) for t in texts])
     known = set(reference["vocabulary"]) - {OTHER}
-    words = Counter(word for t in texts for word in mask_text(t).lower().split())
+    words = _word_counts(texts)
     total = max(sum(words.values()), 1)
     vocabulary = {word: words[word] / total for word in known if words[word]}
     vocabulary[OTHER] = sum(n for word, n in words.items() if word not in known) / total
