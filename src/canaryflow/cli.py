@@ -533,15 +533,38 @@ def rollback(
     json_out: JsonOpt = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Put the previous champion back in service (through the promotion lock, recorded in the ledger)."""
+    """Put the previous champion back in service (through the promotion lock, recorded in the ledger); with
+    canary.backend kserve, the InferenceService is made to serve it too."""
     from canaryflow.registry.models import rollback as roll_back
 
     cfg = _registry_config(config, set_, workdir, tracking_uri)
     result = roll_back(cfg, reason)
+    if cfg.canary.backend == "kserve":
+        result["backend"] = _serve_on_cluster(cfg, result["champion"])
     if json_out:
         print(json.dumps(result))
     else:
-        _console().print(f"champion is now version {result['champion']} (previous: {result['previous-champion']})")
+        served = f"; {result['backend']} serves it" if "backend" in result else ""
+        _console().print(
+            f"champion is now version {result['champion']} (previous: {result['previous-champion']}){served}"
+        )
+
+
+def _serve_on_cluster(cfg, version: str) -> str:
+    """After the registry moved, make the InferenceService serve what it now calls the champion."""
+    import getpass
+    import socket
+
+    from canaryflow.errors import CanaryflowError
+    from canaryflow.rollout.controller import serve_champion
+
+    try:
+        return serve_champion(cfg, version, holder=f"canaryflow rollback by {getpass.getuser()}@{socket.gethostname()}")
+    except CanaryflowError as exc:
+        raise type(exc)(
+            f"the registry's champion is now version {version}, but the InferenceService still serves the demoted "
+            f"version: {exc}; the next canary rolls the champion out first"
+        ) from None
 
 
 @canary_app.command("drill")

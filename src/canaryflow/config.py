@@ -230,18 +230,24 @@ class GateConfig(_Section):
         return {**{m: -margin for m, margin in self.non_inferiority.items()}, **self.improvement}
 
 
-_KNATIVE = 'namespace="{namespace}",revision_name="{revision}"'
+# What the shipped PodMonitor (manifests/observability/podmonitor.yaml) puts on every series of a predictor: the
+# namespace and the InferenceService, beside the model_version the server itself adds.
+_OWN = 'namespace="{namespace}",inferenceservice="{service}",model_version="{version}"'
+_REQUESTS = "canaryflow_server_requests_total"
+_LATENCY = "canaryflow_server_latency_seconds"
 
 
 class KServeConfig(_Section):
     """Where the KServe canary runs and how its SLIs are read from Prometheus.
 
-    Query templates are PromQL with `{namespace}`, `{revision}` (the Knative revision serving one variant),
-    `{window}` (the time since the last look, e.g. `30s`) and `{threshold_ms}` (the champion's p95 rounded up
-    to a histogram bucket bound, for the slow-request count) filled in by `str.format`, so PromQL's own braces
-    are doubled; each must return one number. The defaults read Knative's queue-proxy metrics, which
-    KServe's serverless mode exports per revision (latencies in milliseconds). The slow query matches the
-    bucket by `le=~"{threshold_ms}([.]0)?"` because Prometheus 3 stores `le="300"` as `le="300.0"`.
+    Query templates are PromQL with `{namespace}`, `{service}` (the InferenceService), `{version}` (the
+    registered version one variant serves), `{revision}` (its Knative revision), `{window}` (the time since the
+    canary began, never under four scrape intervals, e.g. `300s`) and `{threshold}` (a regex matching the `le`
+    of the latency bucket bound at or above the slow threshold) filled in by `str.format`, so PromQL's own
+    braces are doubled. Each returns one number, except `quality`, which returns one series per `le` bound of
+    the chrF histogram. The defaults read canaryflow's own server metrics, which carry `model_version` and do
+    not change with the Knative version; counts are increases since the canary began, so they cannot vanish
+    between two scrapes. `knative_metrics` adds Knative's queue-proxy counts as a second signal.
     """
 
     namespace: str = Field("canaryflow", min_length=1, description="Namespace of the InferenceService.")
@@ -250,6 +256,35 @@ class KServeConfig(_Section):
         "http://prometheus-operated.monitoring.svc:9090", description="Prometheus that scrapes the predictors."
     )
     look_interval_s: float = Field(30.0, gt=0, description="Seconds between looks at the canary's metrics.")
+    scrape_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often Prometheus scrapes the predictors (the PodMonitor's interval): no count is read "
+        "over less than four of them.",
+    )
+    baseline_s: float = Field(
+        600.0,
+        gt=0,
+        description="The champion's p95 over this many seconds before the canary is the slow threshold for the "
+        "whole canary (canary.max_p95_ms when the champion served nothing then).",
+    )
+    max_empty_looks: int = Field(
+        3,
+        gt=0,
+        description="Looks in a row at which a query may find no series before the canary fails and rolls back.",
+    )
+    knative_metrics: Literal["auto", "legacy", "otel", "off"] = Field(
+        "auto",
+        description="Knative's queue-proxy metrics as a second signal, for failures that never reach the server: "
+        "legacy (Knative up to 1.18, revision_app_request_*), otel (1.19 on, OpenTelemetry), auto (the first "
+        "whose series exist; none is not an error), off.",
+    )
+    lease_duration_s: int = Field(
+        60, ge=10, description="Seconds the canary's Lease on the InferenceService lasts unless renewed."
+    )
+    lease_wait_s: float = Field(
+        900.0, ge=0, description="Seconds to wait for another run's canary on the same InferenceService to end."
+    )
     artifacts_destination: str | None = Field(
         None,
         description="The MLflow server's --artifacts-destination (e.g. s3://mlflow/artifacts), where its "
@@ -257,22 +292,29 @@ class KServeConfig(_Section):
     )
     queries: dict[str, str] = Field(
         default_factory=lambda: {
-            "requests": f"sum(increase(revision_app_request_count{{{{{_KNATIVE}}}}}[{{window}}]))",
+            "requests": f"sum(increase({_REQUESTS}{{{{{_OWN}}}}}[{{window}}]))",
+            # `or` keeps the variant's other series at 0, so that no 5xx yet is 0 rather than no series.
             "errors": (
-                f'sum(increase(revision_app_request_count{{{{{_KNATIVE},response_code_class="5xx"}}}}[{{window}}]))'
+                f'sum(increase({_REQUESTS}{{{{{_OWN},code=~"5.."}}}}[{{window}}])'
+                f" or 0 * increase({_REQUESTS}{{{{{_OWN}}}}}[{{window}}]))"
             ),
             "slow": (
-                f"sum(increase(revision_app_request_latencies_count{{{{{_KNATIVE}}}}}[{{window}}]))"
-                " - sum(increase(revision_app_request_latencies_bucket"
-                f'{{{{{_KNATIVE},le=~"{{threshold_ms}}([.]0)?"}}}}[{{window}}]))'
+                f"sum(increase({_LATENCY}_count{{{{{_OWN}}}}}[{{window}}]))"
+                f' - sum(increase({_LATENCY}_bucket{{{{{_OWN},le=~"{{threshold}}"}}}}[{{window}}]))'
             ),
             "p95_ms": (
-                "histogram_quantile(0.95, sum by (le) "
-                f"(rate(revision_app_request_latencies_bucket{{{{{_KNATIVE}}}}}[{{window}}])))"
+                f"1000 * histogram_quantile(0.95, sum by (le) (rate({_LATENCY}_bucket{{{{{_OWN}}}}}[{{window}}])))"
             ),
+            "quality": f"sum by (le) (increase(canaryflow_server_quality_chrf_bucket{{{{{_OWN}}}}}[{{window}}]))",
         },
-        description="PromQL templates for requests, errors, slow requests and p95 ms of one variant.",
+        description="PromQL templates for requests, errors, slow requests, p95 ms and (optional) answers per "
+        "chrF bucket of one variant.",
     )
+
+    @field_validator("knative_metrics", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @field_validator("queries")
     @classmethod
@@ -280,15 +322,20 @@ class KServeConfig(_Section):
         missing = sorted({"requests", "errors", "slow", "p95_ms"} - set(queries))
         if missing:
             raise ValueError(f"missing query templates: {', '.join(missing)}")
+        unknown = sorted(set(queries) - {"requests", "errors", "slow", "p95_ms", "quality"})
+        if unknown:
+            raise ValueError(f"unknown query templates: {', '.join(unknown)}")
         for name, template in queries.items():
             # A typo in a placeholder, or PromQL braces left single, would otherwise surface mid-canary.
             try:
-                template.format(namespace="ns", revision="rev", window="30s", threshold_ms="300")
+                template.format(
+                    namespace="ns", service="svc", version="1", revision="rev", window="30s", threshold="0[.]5"
+                )
             except (KeyError, IndexError, ValueError) as exc:
                 problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
                 raise ValueError(
-                    f"{name}: {problem}; the placeholders are {{namespace}}, {{revision}}, {{window}} and "
-                    "{threshold_ms}, and PromQL's own braces are written doubled"
+                    f"{name}: {problem}; the placeholders are {{namespace}}, {{service}}, {{version}}, "
+                    "{revision}, {window} and {threshold}, and PromQL's own braces are written doubled"
                 ) from None
         return queries
 

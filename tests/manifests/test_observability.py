@@ -358,8 +358,7 @@ def test_the_podmonitor_scrapes_the_inferenceservices_predictors():
 
     monitor = yaml.safe_load((OBSERVABILITY / "podmonitor.yaml").read_text())
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
-    assert set(monitor["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
-                                    "podTargetLabels", "sampleLimit"}  # fmt: skip
+    _crd_schema("podmonitors").validate(monitor)
     isvc = _isvc()
     assert monitor["spec"]["selector"] == {"matchLabels": {ISVC_LABEL: isvc["metadata"]["name"]}}
     # Its own namespace (no namespaceSelector), which is the InferenceService's in prod.
@@ -369,13 +368,43 @@ def test_the_podmonitor_scrapes_the_inferenceservices_predictors():
     ports = {p["containerPort"] for p in container["ports"]}
     args = container["args"]
     assert int(args[args.index("--port") + 1]) in ports
-    endpoints = monitor["spec"]["podMetricsEndpoints"]
-    assert len(endpoints) == 1
-    endpoint = endpoints[0]
-    assert set(endpoint) <= ENDPOINT_FIELDS
-    assert endpoint["path"] == "/metrics"
-    port = endpoint.get("portNumber", endpoint.get("targetPort"))
-    assert port in ports and port == kserve.PORT, (port, ports)
+    own, queue_proxy = monitor["spec"]["podMetricsEndpoints"]
+    for endpoint in (own, queue_proxy):
+        assert set(endpoint) <= ENDPOINT_FIELDS and endpoint["path"] == "/metrics"
+        assert DURATION.fullmatch(endpoint["interval"])
+    assert own["portNumber"] == kserve.PORT and kserve.PORT in ports
+    # Knative's user-metrics port on the queue-proxy container (knative/serving UserQueueMetricsPortName).
+    assert queue_proxy["port"] == "http-usermetric"
+
+
+def test_the_podmonitor_gives_the_labels_the_canary_queries_select_on():
+    from canaryflow.config import load_config
+    from canaryflow.rollout.kserve import KNATIVE_QUERIES
+
+    monitor = yaml.safe_load((OBSERVABILITY / "podmonitor.yaml").read_text())
+    own, queue_proxy = monitor["spec"]["podMetricsEndpoints"]
+    added = {e["portNumber" if "portNumber" in e else "port"]: {r["targetLabel"] for r in e["relabelings"]}
+             for e in (own, queue_proxy)}  # fmt: skip
+    operator = {"namespace", "pod", "container"}  # promcfg.go adds these to every PodMonitor target
+    kserve = load_config().canary.kserve
+    for template in kserve.queries.values():
+        selected = set(re.findall(r"(\w+)=~?\"\{(?:namespace|service|revision)\}", template))
+        assert selected <= operator | added[8080], template
+    for generation, spec in KNATIVE_QUERIES.items():
+        for template in spec["queries"].values():
+            selected = set(re.findall(r"(\w+)=~?\"\{(?:namespace|revision)\}", template))
+            # legacy series carry namespace_name and revision_name themselves
+            assert selected <= operator | added["http-usermetric"] | {"namespace_name"}, (generation, template)
+    # The canary reads no count over less than four scrapes of the interval it is told.
+    assert own["interval"] == f"{kserve.scrape_interval_s:g}s"
+
+
+def _crd_schema(plural: str):
+    import jsonschema
+
+    crd = yaml.safe_load((REPO / "tests" / "schemas" / "prometheus-operator" /
+                          f"monitoring.coreos.com_{plural}.yaml").read_text())  # fmt: skip
+    return jsonschema.Draft7Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
 # --- the helper the end-to-end tests use ---

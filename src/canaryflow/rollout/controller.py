@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -222,66 +224,187 @@ def _spread(count: int, marked: int) -> list[bool]:
     return [(i + 1) * marked // count > i * marked // count for i in range(count)] if count else []
 
 
-class KServeTraffic:
-    """Traffic for the KServe backend: live requests, counted per look from Prometheus."""
+def _chrf_values(per_bucket: list[int]) -> list[float]:
+    """One chrF per answer counted in a bucket of the server's chrF histogram, at the bucket's middle."""
+    from canaryflow.rollout.kserve import CHRF_BUCKETS
 
-    def __init__(self, backend, policy: CanaryConfig, sleep=time.sleep, clock=time.monotonic):
+    values, low = [], 0
+    for high, count in zip(CHRF_BUCKETS, per_bucket):
+        values += [(low + high) / 2] * count
+        low = high
+    return values
+
+
+class KServeTraffic:
+    """Traffic for the KServe backend: live requests, read from Prometheus at every look as what each
+    variant's counters gained since the look before (the backend reads increases since the canary began, and
+    this keeps the largest value seen of each, so a count never goes back). "Slow" is one threshold for the
+    whole canary, `threshold_ms`, so that counts read at different looks add up."""
+
+    def __init__(self, backend, policy: CanaryConfig, threshold_ms: float, sleep=time.sleep):
+        from canaryflow.rollout.kserve import VariantCounts
+
         self.backend = backend
         self.policy = policy
-        self._sleep, self._clock = sleep, clock
-        self._started = self._last = clock()
-        self._champion_p95: float | None = None
+        self.threshold_ms = threshold_ms
+        self._sleep = sleep
+        self._started = time.monotonic()
+        self._looked = 0.0  # the sleeps: the elapsed time when `sleep` is not a real one
+        self._seen = {variant: VariantCounts(0, 0, 0, None) for variant in (CHAMPION, CHALLENGER)}
+        self._empty_looks = 0
 
     def elapsed(self) -> float:
-        return self._clock() - self._started
+        return max(self._looked, time.monotonic() - self._started)
 
     def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
         self.backend.set_weight(weights.get(CHALLENGER, 0))
 
     def send(self, count: int) -> list[Observation]:
-        self._sleep(self.policy.kserve.look_interval_s)
-        now = self._clock()
-        # "Slow" is judged against the champion's p95 of the look before, as the local backend does.
-        counts = self.backend.read(now - self._last, self._champion_p95 or self.policy.max_p95_ms)
-        self._last = now
-        if counts[CHAMPION].p95_ms is not None:
-            self._champion_p95 = counts[CHAMPION].p95_ms
+        from canaryflow.rollout.kserve import NoSeries, VariantCounts
+
+        kserve = self.policy.kserve
+        wait = kserve.look_interval_s
+        if not self._looked:
+            # The first look waits for four scrapes after the canary began: a shorter window would reach back
+            # into the traffic before it (the champion's), counted once and then missing from the looks after.
+            wait = max(wait, 4 * kserve.scrape_interval_s - self.backend.since_start())
+        self._sleep(wait)
+        self._looked += wait
+        try:
+            counts = self.backend.read(self.threshold_ms)
+        except NoSeries as exc:
+            self._empty_looks += 1
+            if self._empty_looks >= kserve.max_empty_looks:
+                raise CanaryflowError(
+                    f"{exc}, at {self._empty_looks} looks in a row (canary.kserve.max_empty_looks): is the predictor "
+                    "serving, and does Prometheus scrape it (manifests/observability/podmonitor.yaml)?"
+                ) from None
+            print(f"kserve: {exc}; looking again", file=sys.stderr, flush=True)
+            return []
+        self._empty_looks = 0
         batch = []
-        for variant, c in counts.items():
-            failed, slow = _spread(c.requests, c.errors), _spread(c.requests, c.slow)
-            batch += [Observation(variant, not f, c.p95_ms or 0.0, None, s) for f, s in zip(failed, slow)]
+        for variant, now in counts.items():
+            seen = self._seen[variant]
+            new = max(0, now.requests - seen.requests)
+            errors = min(new, max(0, now.errors - seen.errors))
+            slow = min(new, max(0, now.slow - seen.slow))
+            width = max(len(now.quality), len(seen.quality))
+            old_q, now_q = (list(q) + [0] * (width - len(q)) for q in (seen.quality, now.quality))
+            chrfs = _chrf_values([max(0, a - b) for a, b in zip(now_q, old_q)])
+            self._seen[variant] = VariantCounts(
+                max(seen.requests, now.requests),
+                max(seen.errors, now.errors),
+                max(seen.slow, now.slow),
+                now.p95_ms,
+                tuple(max(a, b) for a, b in zip(now_q, old_q)),
+            )
+            answered = iter(chrfs)
+            for failed, slowed in zip(_spread(new, errors), _spread(new, slow)):
+                chrf = None if failed else next(answered, None)
+                batch.append(Observation(variant, not failed, now.p95_ms or 0.0, chrf, slowed))
         return batch
 
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
         raise CanaryflowError("KServe's canary does not mirror requests: the shadow phase needs the local backend")
 
 
-def run_kserve_canary(cfg: Config, version: str, champion_version: str, sleep=time.sleep, api=None, prometheus=None):
-    """The rollout on the InferenceService: deploy the challenger at 0 %, step it up on Prometheus' SLIs,
-    then promote it (the canary percentage removed) or roll it back (0 % and the champion's storage)."""
+def _kserve_parts(cfg: Config, versions: dict[str, str], holder: str, sleep, api, leases, prometheus):
+    """The backend for `versions` (storage URI -> registered version) and the Lease it runs under."""
+    from canaryflow.rollout.kserve import CanaryLease, KServeBackend, kubernetes_client
+
+    kserve = cfg.canary.kserve
+    if api is None or leases is None:
+        from kubernetes import client
+
+        api_client = kubernetes_client()
+        api = api or client.CustomObjectsApi(api_client)
+        leases = leases or client.CoordinationV1Api(api_client)
+    backend = KServeBackend(cfg, api=api, prometheus=prometheus, sleep=sleep, versions=versions)
+    backend.lease = CanaryLease(
+        leases,
+        backend.namespace,
+        f"canaryflow-canary-{backend.name}",
+        holder,
+        kserve.lease_duration_s,
+        kserve.lease_wait_s,
+        sleep,
+    )
+    return backend
+
+
+def _storage_uris(cfg: Config, versions: list[str]) -> dict[str, str]:
+    """storage URI -> version, for each registered version."""
     from mlflow import MlflowClient
 
-    from canaryflow.rollout.kserve import KServeBackend, storage_uri
+    from canaryflow.rollout.kserve import storage_uri
 
     client, name = MlflowClient(), cfg.registry.model_name
     destination = cfg.canary.kserve.artifacts_destination
-    storage = {
-        v: storage_uri(client.get_model_version_download_uri(name, v), destination) for v in (version, champion_version)
-    }
-    backend = KServeBackend(cfg, api=api, prometheus=prometheus, sleep=sleep)
-    backend.versions = {uri: v for v, uri in storage.items()}
+    return {storage_uri(client.get_model_version_download_uri(name, v), destination): v for v in versions}
+
+
+def serve_champion(cfg: Config, version: str, holder: str, sleep=time.sleep, api=None, leases=None) -> str:
+    """Make the InferenceService serve `version` alone (creating it if missing), under the canary's Lease: for
+    the first champion, and for `canaryflow rollback`. Returns where."""
+    storages = _storage_uris(cfg, [version])
+    backend = _kserve_parts(cfg, storages, holder, sleep, api, leases, prometheus=lambda q: [])
+    with backend.lease.held():
+        backend.serve(next(iter(storages)))
+    return backend.where
+
+
+def run_kserve_canary(
+    cfg: Config,
+    version: str,
+    champion_version: str,
+    commit=None,
+    holder: str = "",
+    sleep=time.sleep,
+    api=None,
+    leases=None,
+    prometheus=None,
+):
+    """The rollout on the InferenceService, under its Lease: deploy the challenger at 0 %, step it up on
+    Prometheus' SLIs, then promote it (the canary percentage removed) or roll it back (the champion rolled out
+    again). On a promotion `commit(result)` runs first (the registry's compare-and-set): serving changes for
+    good only once the registry agrees, and a commit that fails rolls serving back. SIGTERM and SIGINT roll back
+    too, before the process exits."""
+    from canaryflow.rollout.kserve import LeaseLost, rollback_on_signals
+
+    storage = {v: uri for uri, v in _storage_uris(cfg, [version, champion_version]).items()}
+    backend = _kserve_parts(
+        cfg, {uri: v for v, uri in storage.items()}, holder or f"canary of version {version}", sleep, api, leases,
+        prometheus,
+    )  # fmt: skip
     started = time.perf_counter()
-    try:
-        backend.deploy(storage[champion_version], storage[version])
-        result = drive(cfg.canary, KServeTraffic(backend, cfg.canary, sleep=sleep), True)
-        backend.promote() if result["verdict"] == "promoted" else backend.rollback()
-    except BaseException:
-        # Whatever failed, the champion gets all the traffic back; a rollback that fails too (the API server
-        # is gone) must not hide the first error, which is the one to act on.
-        with contextlib.suppress(Exception):
+    with rollback_on_signals(), backend.lease.held():
+        try:
+            backend.deploy(storage[champion_version], storage[version])
+            baseline = backend.baseline_p95_ms(storage[champion_version])
+            threshold = baseline or cfg.canary.max_p95_ms
+            result = drive(cfg.canary, KServeTraffic(backend, cfg.canary, threshold, sleep=sleep), True)
+            result["slow_threshold_ms"] = {"value": threshold, "from": "baseline" if baseline else "max_p95_ms"}
+            if result["verdict"] == "promoted" and commit is not None:
+                commit(result)
+        except LeaseLost:
+            raise  # another run steers the InferenceService now: rolling back would undo its work
+        except BaseException:
+            # Whatever failed, the champion gets all the traffic back; a rollback that fails too (the API server
+            # is gone) must not hide the first error, which is the one to act on.
+            with contextlib.suppress(Exception):
+                backend.rollback()
+            raise
+        promoted = result["verdict"] == "promoted"
+        if promoted:
+            try:
+                backend.promote()
+            except CanaryflowError as exc:
+                # The registry has moved and the challenger already takes all the traffic (the last step is
+                # 100 %): the promotion stands, and the next deploy() drops the percentage left in the spec.
+                result["warning"] = f"the challenger serves all the traffic, but {exc}"
+                print(f"kserve: {result['warning']}", file=sys.stderr, flush=True)
+        else:
             backend.rollback()
-        raise
-    promoted = result["verdict"] == "promoted"
     result["router_weights"] = {CHALLENGER: 100, CHAMPION: 0} if promoted else {CHAMPION: 100, CHALLENGER: 0}
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["backend"] = backend.where
@@ -362,9 +485,9 @@ def plot_timeline(result: dict):
                 ax.axvline(point["t_s"], color=colour, linestyle="--", linewidth=1)
             axes[0].annotate(point["action"], (point["t_s"], 102), fontsize="small", color=colour, rotation=90)
     axes[-1].set_xlabel("seconds since the canary began")
-    fig.suptitle(
-        f"canary: {result['verdict']} after {result['requests_to_decision']} requests ({result['reason']})"[:110]
-    )
+    title = f"canary: {result['verdict']} after {result['requests_to_decision']} requests ({result['reason']})"
+    # Two lines of the width the figure holds: one line was cut at both edges.
+    fig.suptitle("\n".join(textwrap.wrap(title, 95)[:2]), fontsize="medium")
     fig.tight_layout()
     return fig
 
@@ -395,7 +518,11 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
         # With no champion even a cluster smoke-checks the first version on a model server in the step's
         # own pod: there is nothing for KServe to split traffic with yet.
         if cfg.canary.backend == "kserve" and champion_version is not None:
-            result = run_kserve_canary(cfg, version, champion_version)
+
+            def commit(result: dict) -> None:
+                result["aliases"] = models.promote(cfg, version, champion_version, result["reason"], run_key)
+
+            result = run_kserve_canary(cfg, version, champion_version, commit, holder=f"pipeline run {run_key}")
         else:
             result = run_canary(
                 cfg,
@@ -407,12 +534,22 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
             )
     except Exception as exc:
         # No verdict is a rollback: the challenger must not keep its alias as if it were still in canary.
-        models.reject(cfg, version, f"canary could not run: {exc}")
+        models.reject(cfg, version, f"canary failed: {exc}")
         raise
     result["champion_version"] = champion_version
     result["challenger_version"] = version
     if result["verdict"] == "promoted":
-        result["aliases"] = models.promote(cfg, version, champion_version, result["reason"], run_key)
+        if "aliases" not in result:  # the KServe canary commits before it promotes serving
+            result["aliases"] = models.promote(cfg, version, champion_version, result["reason"], run_key)
+        if cfg.canary.backend == "kserve" and champion_version is None:
+            # The smoke check ran in this pod: the cluster serves the first champion only from here on.
+            try:
+                result["backend"] = serve_champion(cfg, version, holder=f"pipeline run {run_key}")
+            except CanaryflowError as exc:
+                raise CanaryflowError(
+                    f"version {version} is the champion in the registry, but the InferenceService does not serve it "
+                    f"yet: {exc}; the next canary rolls it out first"
+                ) from None
     else:
         result["aliases"] = models.reject(cfg, version, result["reason"], run_key)
     (out / "canary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -158,7 +158,10 @@ def make_handler(
     # request of its kind.
     for metric in (latency, input_tokens, output_tokens, quality, logged):
         metric.labels(variant, model_version)
-    requests.labels(variant, model_version, "200")
+    # Every code this server answers /predict with: Prometheus' increase() cannot count a series' first
+    # value, so a 500 series born at 1 would hide the first error from the canary's queries.
+    for code in ("200", "400", "413", "500"):
+        requests.labels(variant, model_version, code)
     for reason in ("input_too_long", "too_many_inputs", "body_too_large"):
         refused.labels(variant, model_version, reason)
     if max_tokens:
