@@ -196,7 +196,7 @@ class FakeKServe:
         self._enter("patch", group, version, namespace, plural)
         self._require(name)
         if self.on_patch is not None:
-            self.on_patch()
+            self.on_patch(body)
         sent = (body.get("metadata") or {}).get("resourceVersion")
         if sent is not None and sent != self.objects[name]["metadata"]["resourceVersion"]:
             raise _conflict(f"{PLURAL}.{GROUP}", name)
@@ -496,7 +496,7 @@ def test_a_status_update_between_read_and_patch_is_retried_against_the_fresh_obj
     backend.deploy(CHAMPION_URI, CHALLENGER_URI)
     conflicts = []
 
-    def status_write():  # KServe's controller writes status: resourceVersion moves, generation does not
+    def status_write(body):  # KServe's controller writes status: resourceVersion moves, generation does not
         obj = fake.objects[NAME]
         obj["status"]["url"] = f"http://{NAME}.{NS}"
         fake._bump(obj)
@@ -513,7 +513,9 @@ def test_a_status_update_between_read_and_patch_is_retried_against_the_fresh_obj
 def test_a_spec_edited_by_someone_else_stops_the_canary(kserve):
     backend, fake, _ = kserve()
     backend.deploy(CHAMPION_URI, CHALLENGER_URI)
-    fake.on_patch = lambda: fake.edit({"spec": {"predictor": {"maxReplicas": 5}}}) or setattr(fake, "on_patch", None)
+    fake.on_patch = lambda body: (
+        fake.edit({"spec": {"predictor": {"maxReplicas": 5}}}) or setattr(fake, "on_patch", None)
+    )
     with pytest.raises(CanaryflowError, match=r"changed by someone else during the canary \(generation") as caught:
         backend.set_weight(10)
     assert "\n" not in str(caught.value)
@@ -540,7 +542,12 @@ def test_rollback_gives_the_champion_all_the_traffic_and_leaves_no_percentage(ks
     if last == "after promote":
         backend.promote()
     start = len(fake.history)
+    seen = []  # (whether a patch changes the storage, the split when it was sent)
+    fake.on_patch = lambda body: seen.append(("containers" in body["spec"]["predictor"], fake.served()))
     backend.rollback()
+    fake.on_patch = None
+    # The champion's storage went out only once the challenger had no traffic left.
+    assert [served.get(CHALLENGER_URI, 0) for storage, served in seen if storage] == [0]
     # From the rollback on, the challenger never gains: it only ever loses traffic.
     shares = [h.get(CHALLENGER_URI, 0) for h in fake.history[start:]]
     assert shares == sorted(shares, reverse=True) and shares[-1] == 0

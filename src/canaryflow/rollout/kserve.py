@@ -622,11 +622,14 @@ class KServeBackend:
             _call(self.where, "create", self._api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
                   PLURAL, body)  # fmt: skip
             return self._wait("the new InferenceService to serve", _latest_serves_all(None), before=None)
-        wanted = (storage, self.versions.get(storage, "unknown"))
-        if _percent(isvc) not in (None, 0):
+        differs = (_env(isvc, STORAGE_ENV), _env(isvc, VERSION_ENV)) != (storage, self.versions.get(storage, "unknown"))
+        # With no percentage, 0% makes KServe fall back to the revision rolled out before the one serving (after a
+        # promotion: the champion's); a storage changed in the same patch would leave all the traffic where it is
+        # until the new revision is ready.
+        if _percent(isvc) != 0 and (differs or _percent(isvc) is not None):
             isvc = self._patch(isvc, {"spec": {"predictor": {"canaryTrafficPercent": 0}}})
             isvc = self._wait("the rolled-out revision to take all the traffic back", _rolled_out_serves_all)
-        if (_env(isvc, STORAGE_ENV), _env(isvc, VERSION_ENV)) != wanted:
+        if differs:
             before = _predictor(isvc).get("latestCreatedRevision")
             isvc = self._patch(isvc, self._storage_patch(isvc, storage, percent=0))
             isvc = self._wait(f"a revision of {storage} to be ready", _replaced_and_ready(before), before=before)
