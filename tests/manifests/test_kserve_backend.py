@@ -760,7 +760,7 @@ def test_read_renders_the_configured_promql_per_version_and_counts(kserve, prome
     counts = backend.read(threshold_ms=251)
     assert counts == {
         "champion": VariantCounts(80, 1, 0, 212.5, (0, 0, 2, 0, 0, 0, 0, 0, 0, 3)),
-        "challenger": VariantCounts(20, 20, 0, None, ()),
+        "challenger": VariantCounts(20, 20, 0, None, (0,) * 10),
     }
     assert len(prometheus.queries) == 10
     window = "[120s]"  # four scrape intervals: the canary began a moment ago

@@ -226,7 +226,7 @@ def _spread(count: int, marked: int) -> list[bool]:
 
 def _chrf_values(per_bucket: list[int]) -> list[float]:
     """One chrF per answer counted in a bucket of the server's chrF histogram, at the bucket's middle."""
-    from canaryflow.rollout.kserve import CHRF_BUCKETS
+    from canaryflow.serving.server import CHRF_BUCKETS
 
     values, low = [], 0
     for high, count in zip(CHRF_BUCKETS, per_bucket):
@@ -288,15 +288,13 @@ class KServeTraffic:
             new = max(0, now.requests - seen.requests)
             errors = min(new, max(0, now.errors - seen.errors))
             slow = min(new, max(0, now.slow - seen.slow))
-            width = max(len(now.quality), len(seen.quality))
-            old_q, now_q = (list(q) + [0] * (width - len(q)) for q in (seen.quality, now.quality))
-            chrfs = _chrf_values([max(0, a - b) for a, b in zip(now_q, old_q)])
+            chrfs = _chrf_values([max(0, a - b) for a, b in zip(now.quality, seen.quality)])
             self._seen[variant] = VariantCounts(
                 max(seen.requests, now.requests),
                 max(seen.errors, now.errors),
                 max(seen.slow, now.slow),
                 now.p95_ms,
-                tuple(max(a, b) for a, b in zip(now_q, old_q)),
+                tuple(max(a, b) for a, b in zip(now.quality, seen.quality)),
             )
             answered = iter(chrfs)
             for failed, slowed in zip(_spread(new, errors), _spread(new, slow)):
@@ -347,7 +345,7 @@ def serve_champion(cfg: Config, version: str, holder: str, sleep=time.sleep, api
     """Make the InferenceService serve `version` alone (creating it if missing), under the canary's Lease: for
     the first champion, and for `canaryflow rollback`. Returns where."""
     storages = _storage_uris(cfg, [version])
-    backend = _kserve_parts(cfg, storages, holder, sleep, api, leases, prometheus=lambda q: [])
+    backend = _kserve_parts(cfg, storages, holder, sleep, api, leases, prometheus=None)
     with backend.lease.held():
         backend.serve(next(iter(storages)))
     return backend.where

@@ -43,6 +43,7 @@ from canaryflow.config import Config
 from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.images import BASE_IMAGE
 from canaryflow.serving.http import LATENCY_BUCKETS
+from canaryflow.serving.server import CHRF_BUCKETS
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONTAINER = "kserve-container"  # the one container KServe gives the downloaded model
@@ -64,7 +65,6 @@ KNATIVE_MODES = (SERVERLESS, "Knative")
 LEASE_GROUP = "coordination.k8s.io"
 _ISVC_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 CHAMPION, CHALLENGER = "champion", "challenger"
-CHRF_BUCKETS = tuple(range(10, 101, 10))  # canaryflow_server_quality_chrf's bounds (serving/server.py)
 
 
 def storage_uri(artifact_uri: str, artifacts_destination: str | None = None) -> str:
@@ -194,7 +194,8 @@ class VariantCounts:
     errors: int
     slow: int  # requests slower than the threshold
     p95_ms: float | None
-    quality: tuple[int, ...] = ()  # answers per chrF bucket (CHRF_BUCKETS), where requests brought references
+    # Answers per chrF bucket (CHRF_BUCKETS), from requests that brought references: zeros where none did.
+    quality: tuple[int, ...] = (0,) * len(CHRF_BUCKETS)
 
 
 class NoSeries(CanaryflowError):
@@ -899,8 +900,6 @@ def _count(value: float) -> int:
 
 def _per_bucket(series: list[tuple[dict, float]]) -> tuple[int, ...]:
     """Answers per chrF bucket from cumulative `le` counts (sum by (le) of the histogram's _bucket series)."""
-    if not series:
-        return ()
     cumulative = {}
     for labels, value in series:
         bound = labels.get("le")
