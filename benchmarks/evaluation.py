@@ -84,8 +84,8 @@ def main() -> None:
     import torch
 
     from canaryflow.data.prepare import read_pairs
-    from canaryflow.evaluation.generate import Seq2SeqGenerator
     from canaryflow.evaluation.scoring import score
+    from canaryflow.inference.predictor import Seq2SeqGenerator
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--inputs", type=int, default=320)

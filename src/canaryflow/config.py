@@ -192,6 +192,14 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Longest generated output.")
 
 
+# Owned by config rather than evaluation/: the gate's config is validated against these names, and config
+# must import nothing from the stages built on it.
+CORPUS_METRICS = ("bleu", "chrf")
+MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "token_f1", "exact_match")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+GATEABLE = CORPUS_METRICS + MEAN_METRICS + CLASSIFICATION_METRICS
+
+
 class GateConfig(_Section):
     floors: dict[str, float] = Field(
         default_factory=lambda: {"bleu": 15.0, "chrf": 30.0},
@@ -215,8 +223,6 @@ class GateConfig(_Section):
 
     @model_validator(mode="after")
     def _one_rule_per_known_metric(self) -> GateConfig:
-        from canaryflow.evaluation.bootstrap import GATEABLE
-
         both = sorted(set(self.non_inferiority) & set(self.improvement))
         if both:
             raise ValueError(f"{both[0]} has both a non_inferiority margin and an improvement; give one")

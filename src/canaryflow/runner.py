@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from canaryflow.config import Config
+from canaryflow.config import CLASSIFICATION_METRICS, Config
 from canaryflow.errors import BadInputError, CanaryflowError
 
 LineCallback = Callable[[str], None]
@@ -167,8 +167,6 @@ def preflight(cfg: Config) -> None:
         patterns = getattr(cfg.data, split)
         if patterns:
             resolve_files(patterns, split)
-    from canaryflow.evaluation.bootstrap import CLASSIFICATION_METRICS
-
     classify = cfg.model.task == "classification"
     if classify and cfg.uses_demo_data:
         raise BadInputError("model.task classification needs your data (data.train): the demo task is seq2seq")

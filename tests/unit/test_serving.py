@@ -12,7 +12,7 @@ import sacrebleu
 
 from canaryflow.config import InputLogConfig, ServingConfig
 from canaryflow.errors import BadInputError
-from canaryflow.evaluation.generate import Seq2SeqGenerator
+from canaryflow.inference.predictor import Seq2SeqGenerator
 from canaryflow.rollout.local import LocalBackend, MirrorResult, Router, post_json
 from canaryflow.serving.faults import CRASH_EXIT_CODE, parse_fault
 from canaryflow.serving.http import MAX_BODY_BYTES, ConnectionPool, JsonHandler, serve_in_thread

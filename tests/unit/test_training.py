@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from canaryflow.errors import BadInputError, CanaryflowError
-from canaryflow.evaluation.generate import Seq2SeqGenerator
+from canaryflow.inference.predictor import Seq2SeqGenerator
 from canaryflow.training import launch
 from canaryflow.training.fine_tune import FINGERPRINT, fine_tune, training_arguments
 from canaryflow.training.precision import Device, Precision, choose
@@ -214,8 +214,8 @@ def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
 
     # Judged against a classifier champion, on macro-F1 and accuracy: asked for an improvement no retraining
     # can make (the champion is the same model), the gate fails with the statistics behind it.
-    from canaryflow.evaluation.generate import load_predictor
     from canaryflow.evaluation.scoring import evaluate_models
+    from canaryflow.inference.predictor import load_predictor
 
     cfg = load_config(
         overrides=[

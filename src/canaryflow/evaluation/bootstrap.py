@@ -17,12 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from canaryflow.config import CORPUS_METRICS, MEAN_METRICS
 from canaryflow.errors import BadInputError
 
-CORPUS_METRICS = ("bleu", "chrf")
-MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "token_f1", "exact_match")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
-GATEABLE = CORPUS_METRICS + MEAN_METRICS + CLASSIFICATION_METRICS
 _CHUNK = 100  # resamples summed at once: bounds memory at _CHUNK x items x statistics
 
 

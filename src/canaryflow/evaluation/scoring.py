@@ -13,7 +13,7 @@ from canaryflow.data.prepare import read_pairs
 from canaryflow.evaluation import report
 from canaryflow.evaluation.bootstrap import Comparison, ItemScores, paired_bootstrap
 from canaryflow.evaluation.gate import decide
-from canaryflow.evaluation.generate import load_predictor
+from canaryflow.inference.predictor import load_predictor
 from canaryflow.stats import percentile
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"

@@ -16,7 +16,7 @@ import mlflow.pyfunc
 
 class Seq2SeqModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from canaryflow.evaluation.generate import load_predictor
+        from canaryflow.inference.predictor import load_predictor
 
         config = context.model_config or {}
         self.generator = load_predictor(

@@ -34,7 +34,7 @@ def load_generator(model_uri: str, num_threads: int):
     transformers directory, which carries no profile."""
     path = Path(model_uri)
     if path.is_dir() and not (path / "MLmodel").is_file():
-        from canaryflow.evaluation.generate import load_predictor
+        from canaryflow.inference.predictor import load_predictor
 
         return load_predictor(model_uri, num_threads=num_threads), None
     import mlflow.pyfunc
