@@ -1,5 +1,7 @@
 """Registration, idempotency and alias moves against a real MLflow SQLite store."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -174,3 +176,68 @@ def test_a_lock_named_by_an_environment_variable(tmp_path, monkeypatch):
     monkeypatch.delenv("CANARYFLOW_TEST_LOCK")
     with ledger.promotion_lock(cfg, timeout=1):  # unset: no lock, the re-read alone guards
         pass
+
+
+# A process where the installed canaryflow cannot be imported: a meta path finder ahead of all others turns away
+# any `canaryflow` module found where the package is installed, whatever installed it (editable or a wheel).
+_WITHOUT_CANARYFLOW = """
+import importlib.abc, importlib.machinery, json, sys
+from pathlib import Path
+
+installed = [Path(p).resolve() for p in sys.argv[2:]]
+
+class Elsewhere(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "canaryflow" and not name.startswith("canaryflow."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.origin:
+                if not any(Path(spec.origin).resolve().is_relative_to(p) for p in installed):
+                    return spec
+        raise ModuleNotFoundError(f"No module named {name!r} (the installed one is hidden)", name=name)
+
+sys.meta_path.insert(0, Elsewhere())
+try:
+    import canaryflow
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit(f"canaryflow still importable from {canaryflow.__file__}")
+import mlflow.pyfunc
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+answers = model.predict(["an example input", "another one"], params={"max_new_tokens": 8})
+print(json.dumps({"answers": list(answers), "origin": sys.modules["canaryflow"].__file__}))
+"""
+
+
+def test_a_registered_version_answers_where_canaryflow_is_not_installed(registry, tmp_path):
+    """The model carries its code, its requirements install from the public index, and its generation
+    parameters and an input example are logged with it."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg, version = registry
+    models.configure(cfg)  # the module's registry: other tests point MLflow elsewhere
+    uri = models.model_uri(cfg, version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+    installed = importlib.util.find_spec("canaryflow").submodule_search_locations
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CANARYFLOW, str(local), *installed],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found["answers"]) == 2 and all(isinstance(a, str) for a in found["answers"])
+    assert Path(found["origin"]).resolve().is_relative_to(local.resolve())  # the model's own copy of the code
+    requirements = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in requirements) and not any("+" in r for r in requirements)
+    signature = mlflow.models.get_model_info(uri).signature
+    assert {p.name: p.default for p in signature.params.params} == {"num_beams": 1, "max_new_tokens": 64}
+    assert (local / "input_example.json").is_file()

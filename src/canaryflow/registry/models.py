@@ -63,10 +63,40 @@ def aliases(cfg: Config) -> dict[str, str | None]:
     return {alias: alias_version(cfg, alias) for alias in ALIASES}
 
 
+# The part of canaryflow a registered model runs (the pyfunc entry's imports, transitively), logged inside it as
+# code_paths: a serving process without canaryflow installed (mlflow models serve, a plain pyfunc load) needs no
+# more. A test loads a version where canaryflow is not importable.
+PYFUNC_CODE = (
+    "__init__.py",
+    "registry/__init__.py",
+    "registry/pyfunc_model.py",
+    "inference/__init__.py",
+    "inference/predictor.py",
+)
+PYFUNC_EXAMPLE_INPUTS = ["an example input"]
+
+
 def _requirements() -> list[str]:
-    # Pinned from the running environment, so a serving image can reproduce it; canaryflow itself is
-    # installed in the serving image (the pyfunc entry imports it).
-    return [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "torch", "transformers", "tokenizers")]
+    """Pinned from the running environment, so a serving image can reproduce it, as public versions: a local
+    one such as torch's `2.13.0+cpu` is no version the public index serves."""
+    from packaging.version import Version
+
+    return [
+        f"{dist}=={Version(metadata.version(dist)).public}"
+        for dist in ("mlflow", "torch", "transformers", "tokenizers")
+    ]
+
+
+def _pyfunc_code(into: Path) -> Path:
+    """A copy of the PYFUNC_CODE files, as the package `canaryflow` under `into`."""
+    import shutil
+
+    source = Path(__file__).resolve().parents[1]
+    for name in PYFUNC_CODE:
+        target = into / "canaryflow" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target)
+    return into / "canaryflow"
 
 
 def register_candidate(
@@ -108,12 +138,16 @@ def register_candidate(
                     # Inside the model, so that a server (KServe's included) measures drift with no registry access.
                     artifacts["input_profile"] = str(Path(tmp) / "input_profile.json")
                     Path(artifacts["input_profile"]).write_text(json.dumps(input_profile), encoding="utf-8")
+                # The generation parameters are the model's params schema, with the evaluation's defaults.
+                params = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens}
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(PYFUNC_ENTRY),
                     artifacts=artifacts,
                     model_config={"max_source_length": cfg.data.max_source_length},
+                    code_paths=[str(_pyfunc_code(Path(tmp) / "code"))],
                     pip_requirements=_requirements(),
+                    input_example=(PYFUNC_EXAMPLE_INPUTS, params),
                 )
             _ensure_registered_model(client, name)
             version = str(
