@@ -47,7 +47,6 @@ from canaryflow.rollout.kserve import (
     MODE_ANNOTATION,
     PLURAL,
     POLL_S,
-    STORAGE_ENV,
     VERSION,
     VERSION_ENV,
     CanaryLease,
@@ -69,8 +68,8 @@ NS, NAME = "canary-ns", "canaryflow-demo"
 CHAMPION_URI, CHALLENGER_URI = "s3://models/1/aaa/artifacts/model", "s3://models/1/bbb/artifacts/model"
 OTHER_URI = "s3://models/1/zzz/artifacts/model"
 R1, R2, R3 = (f"{NAME}-predictor-0000{i}" for i in (1, 2, 3))
-STORAGE_PATH = ("spec", "predictor", "containers", 0, "env", 0, "value")
-VERSION_PATH = ("spec", "predictor", "containers", 0, "env", 1, "value")
+STORAGE_PATH = ("spec", "predictor", "model", "storageUri")
+VERSION_PATH = ("spec", "predictor", "model", "env", 0, "value")
 VERSIONS = {CHAMPION_URI: "1", CHALLENGER_URI: "2", OTHER_URI: "9"}
 PERCENT_PATH = ("spec", "predictor", "canaryTrafficPercent")
 
@@ -274,8 +273,7 @@ class FakeKServe:
 
     def _new_revision(self, name: str) -> None:
         revisions = self.revisions[name]
-        env = self.objects[name]["spec"]["predictor"]["containers"][0]["env"]
-        storage = next(e["value"] for e in env if e["name"] == STORAGE_ENV)
+        storage = self.objects[name]["spec"]["predictor"]["model"]["storageUri"]
         number = f"{name}-predictor-{len(revisions) + 1:05d}"
         revisions.append(Revision(number, storage, self.ready_after, storage in self.failing))
 
@@ -438,12 +436,26 @@ def test_storage_uri_refuses_what_no_pod_can_reach(source, destination, says):
 
 def test_base_manifest_is_the_object_the_backend_creates():
     base = _base_isvc()
-    container = base["spec"]["predictor"]["containers"][0]
-    storage = next(e["value"] for e in container["env"] if e["name"] == STORAGE_ENV)
+    storage = base["spec"]["predictor"]["model"]["storageUri"]
     labels = _docs(MANIFESTS / "base" / "kustomization.yaml")[0]["labels"][0]["pairs"]
     assert inference_service(base["metadata"]["name"], storage) == _merge(base, {"metadata": {"labels": labels}})
-    assert container["args"][:2] == ["--model-uri", "/mnt/models"]
     assert storage_uri(storage) == storage
+
+
+def test_the_runtime_runs_canaryflows_server_on_what_kserve_downloads():
+    from canaryflow.rollout import kserve
+
+    (runtime,) = _docs(MANIFESTS / "base" / "servingruntime.yaml")
+    assert runtime["kind"] == "ClusterServingRuntime" and runtime["metadata"]["name"] == kserve.RUNTIME
+    assert {"name": kserve.MODEL_FORMAT, "version": "1", "autoSelect": True} in runtime["spec"]["supportedModelFormats"]
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == kserve.CONTAINER and container["command"] == ["canaryflow", "serve"]
+    args = container["args"]
+    assert args[args.index("--model-uri") + 1] == kserve.MODEL_DIR and args[args.index("--port") + 1] == str(
+        kserve.PORT
+    )
+    assert {p["containerPort"] for p in container["ports"]} == {kserve.PORT}
+    assert _base_isvc()["spec"]["predictor"]["model"]["runtime"] == kserve.RUNTIME
 
 
 @pytest.mark.parametrize(
@@ -476,10 +488,11 @@ def test_challenger_patch_touches_only_the_storage_its_version_and_the_percentag
     (body, changed), *rest = fake.patches
     assert rest == []
     assert changed == {STORAGE_PATH, VERSION_PATH, PERCENT_PATH}
-    assert body["spec"]["predictor"]["containers"][0]["env"][1] == {"name": VERSION_ENV, "value": "2"}
+    assert body["spec"]["predictor"]["model"]["env"] == [{"name": VERSION_ENV, "value": "2"}]
     assert body["spec"]["predictor"]["canaryTrafficPercent"] == 0
     assert set(body) == {"spec", "metadata"}
-    assert set(body["spec"]["predictor"]) == {"canaryTrafficPercent", "containers"}
+    assert set(body["spec"]["predictor"]) == {"canaryTrafficPercent", "model"}
+    assert set(body["spec"]["predictor"]["model"]) == {"storageUri", "env"}  # the runtime and format stay
 
 
 def test_every_patch_names_the_resource_version_it_was_computed_from(kserve):
@@ -543,7 +556,7 @@ def test_rollback_gives_the_champion_all_the_traffic_and_leaves_no_percentage(ks
         backend.promote()
     start = len(fake.history)
     seen = []  # (whether a patch changes the storage, the split when it was sent)
-    fake.on_patch = lambda body: seen.append(("containers" in body["spec"]["predictor"], fake.served()))
+    fake.on_patch = lambda body: seen.append(("model" in body["spec"]["predictor"], fake.served()))
     backend.rollback()
     fake.on_patch = None
     # The champion's storage went out only once the challenger had no traffic left.
@@ -556,10 +569,9 @@ def test_rollback_gives_the_champion_all_the_traffic_and_leaves_no_percentage(ks
         assert fake.served() == {CHAMPION_URI: 100}
     predictor = fake.objects[NAME]["spec"]["predictor"]
     assert "canaryTrafficPercent" not in predictor  # a later edit of the spec is not started at 0%
-    assert predictor["containers"][0]["env"] == [
-        {"name": STORAGE_ENV, "value": CHAMPION_URI},
-        {"name": VERSION_ENV, "value": "1"},  # the champion's revision labels its metrics with its own version
-    ]
+    assert predictor["model"]["storageUri"] == CHAMPION_URI
+    # The champion's revision labels its metrics with its own version.
+    assert predictor["model"]["env"] == [{"name": VERSION_ENV, "value": "1"}]
     # The spec names the champion, and a later edit rolls the champion out, with all the traffic.
     fake.edit({"spec": {"predictor": {"maxReplicas": 4}}})
     for _ in range(2):
@@ -1005,7 +1017,7 @@ def test_the_controller_runs_a_kserve_canary_on_prometheus_counts(
     )  # fmt: skip
     assert result["verdict"] == verdict, result["reason"]
     assert {storage: share for storage, share in fake.served().items() if share} == {serving: 100}
-    assert fake.objects[NAME]["spec"]["predictor"]["containers"][0]["env"][0]["value"] == serving
+    assert fake.objects[NAME]["spec"]["predictor"]["model"]["storageUri"] == serving
     assert "canaryTrafficPercent" not in fake.objects[NAME]["spec"]["predictor"]
     weights = [p["spec"]["predictor"].get("canaryTrafficPercent", "-") for p, _ in fake.patches]
     assert weights[:2] == [0, 10]  # the challenger starts at 0 %, then the first step

@@ -24,11 +24,13 @@ from tests.conftest import REPO
 MANIFESTS = REPO / "manifests"
 DOCKER = REPO / "docker"
 CRD = REPO / "tests" / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+RUNTIME_CRD = REPO / "tests" / "schemas" / "kserve" / "serving.kserve.io_clusterservingruntimes.yaml"
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests must apply to (CronJob timeZone is GA since 1.27)
 CUSTOM_GROUPS = {"serving.kserve.io"}  # CRDs: validated against their own schema, merged as kustomize does
 FOLDERS = ["base", "overlays/dev", "overlays/prod"]
 NAMESPACES = {"dev": "canaryflow-dev", "prod": "canaryflow"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
+                  "ClusterServingRuntime"}  # fmt: skip
 
 
 def _docs(path: Path):
@@ -214,6 +216,17 @@ def test_overlay_inferenceservice_validates(isvc_schema, overlay):
     isvc = _find(build(f"overlays/{overlay}"), "InferenceService")
     isvc_schema.validate(isvc)
     assert isvc["metadata"]["namespace"] == NAMESPACES[overlay]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_serving_runtime_validates_against_kserves_crd(folder):
+    crd = yaml.safe_load(RUNTIME_CRD.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"]["openAPIV3Schema"]
+    runtime = _find(build(folder), "ClusterServingRuntime")
+    jsonschema.validate(runtime, schema)
+    assert "namespace" not in runtime["metadata"]  # cluster-scoped
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_merge(runtime, {"spec": {"supportedModelFormats": [{"autoSelect": "yes"}]}}), schema)
 
 
 def test_schema_rejects_a_bad_canary_percent(isvc_schema):
@@ -582,9 +595,10 @@ def test_the_dockerfiles_install_the_pinned_set_as_a_non_root_user(dockerfile):
         # torch from the CPU index before anything asks for it: PyPI's torch is the CUDA build.
         first = installs[0]
         assert f"torch=={torch}" in first and "https://download.pytorch.org/whl/cpu" in first and package > 0
-        isvc_ports = {p["containerPort"] for c in _base_isvc()["spec"]["predictor"]["containers"] for p in c["ports"]}
+        (runtime,) = _docs(MANIFESTS / "base" / "servingruntime.yaml")
+        served = {p["containerPort"] for c in runtime["spec"]["containers"] for p in c["ports"]}
         exposed = {int(p.split("/")[0]) for kind, rest in instructions if kind == "EXPOSE" for p in rest.split()}
-        assert isvc_ports <= exposed
+        assert served <= exposed
     else:
         # The official image whose torch is the pinned one, so the install keeps it.
         assert re.fullmatch(rf"pytorch/pytorch:{re.escape(torch)}-cuda[\d.]+-cudnn\d+-runtime", base), base

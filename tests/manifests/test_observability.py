@@ -364,7 +364,8 @@ def test_the_podmonitor_scrapes_the_inferenceservices_predictors():
     # Its own namespace (no namespaceSelector), which is the InferenceService's in prod.
     assert "namespaceSelector" not in monitor["spec"]
     assert monitor["metadata"]["namespace"] == NAMESPACES["prod"]
-    container = next(c for c in isvc["spec"]["predictor"]["containers"] if c["name"] == kserve.CONTAINER)
+    (runtime,) = yaml.safe_load_all((MANIFESTS / "base" / "servingruntime.yaml").read_text())
+    container = next(c for c in runtime["spec"]["containers"] if c["name"] == kserve.CONTAINER)
     ports = {p["containerPort"] for p in container["ports"]}
     args = container["args"]
     assert int(args[args.index("--port") + 1]) in ports

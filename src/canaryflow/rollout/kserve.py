@@ -9,9 +9,9 @@ all) or returns to 0% and rolls the champion's storage out again (rollback). Eve
 pipeline runs never steer one InferenceService at once. Only Serverless mode (Knative) splits traffic: in
 RawDeployment/Standard mode KServe ignores canaryTrafficPercent, so deploy() refuses to start there.
 
-The predictor is canaryflow's own server in a custom container. KServe's storage initializer downloads the
-kserve-container's STORAGE_URI (how a custom predictor names its model) into /mnt/models before the server
-starts, so a revision is pinned to one model's files and the server needs no access to MLflow. The server
+The predictor is canaryflow's own server, as the ClusterServingRuntime `canaryflow` that the InferenceService's
+predictor.model names. KServe's storage initializer downloads the model's storageUri into /mnt/models before the
+server starts, so a revision is pinned to one model's files and the server needs no access to MLflow. The server
 labels its metrics with CANARYFLOW_MODEL_VERSION, which is how the SLI queries tell the two variants apart,
 whatever Knative version runs underneath; Knative's queue-proxy metrics are a second signal, for failures that
 never reach the server (see KNATIVE_QUERIES).
@@ -41,13 +41,14 @@ from urllib.parse import urlparse
 
 from canaryflow.config import Config
 from canaryflow.errors import BadInputError, CanaryflowError
-from canaryflow.images import BASE_IMAGE
 from canaryflow.serving.http import LATENCY_BUCKETS
 from canaryflow.serving.server import CHRF_BUCKETS
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
-CONTAINER = "kserve-container"  # the one container KServe gives the downloaded model
-STORAGE_ENV = "STORAGE_URI"
+# manifests/base/servingruntime.yaml: the ClusterServingRuntime that runs canaryflow's server, and the model format
+# an InferenceService names to get it.
+RUNTIME = MODEL_FORMAT = "canaryflow"
+CONTAINER = "kserve-container"  # the runtime's container, which KServe gives the downloaded model
 # The registered version the storage holds, for the server's model_version label: /mnt/models does not say.
 VERSION_ENV = "CANARYFLOW_MODEL_VERSION"
 MODEL_DIR = "/mnt/models"
@@ -97,8 +98,9 @@ def storage_uri(artifact_uri: str, artifacts_destination: str | None = None) -> 
 
 
 def inference_service(name: str, storage: str, namespace: str | None = None, version: str | None = None) -> dict:
-    """The InferenceService that serves `storage`: manifests/base/inferenceservice.yaml in Python (a test
-    holds the two equal), for the canary step to create when the manifests were never applied."""
+    """The InferenceService that serves `storage` on canaryflow's runtime: manifests/base/inferenceservice.yaml in
+    Python (a test holds the two equal), for the canary step to create when the manifests were never applied
+    (the ClusterServingRuntime must have been: it is cluster-scoped, beyond the step's Role)."""
     metadata: dict[str, Any] = {
         "name": name,
         "labels": {"app.kubernetes.io/part-of": "canaryflow"},
@@ -106,21 +108,17 @@ def inference_service(name: str, storage: str, namespace: str | None = None, ver
     }
     if namespace:
         metadata["namespace"] = namespace
-    container = {
-        "name": CONTAINER,
-        "image": BASE_IMAGE,
-        "command": ["canaryflow", "serve"],
-        "args": ["--model-uri", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT)],
-        "env": [{"name": STORAGE_ENV, "value": storage}, {"name": VERSION_ENV, "value": version or "unknown"}],
-        "ports": [{"containerPort": PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "initialDelaySeconds": 5},
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+    model = {
+        "modelFormat": {"name": MODEL_FORMAT},
+        "runtime": RUNTIME,
+        "storageUri": storage,
+        "env": [{"name": VERSION_ENV, "value": version or "unknown"}],
     }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "InferenceService",
         "metadata": metadata,
-        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 3, "containers": [container]}},
+        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 3, "model": model}},
     }
 
 
@@ -319,14 +317,15 @@ def _condition(isvc: dict, kind: str) -> dict:
     return next((c for c in (isvc.get("status") or {}).get("conditions") or [] if c.get("type") == kind), {})
 
 
-def _container(isvc: dict) -> dict | None:
-    containers = isvc.get("spec", {}).get("predictor", {}).get("containers") or []
-    return next((c for c in containers if c.get("name") == CONTAINER), None)
+def _model(isvc: dict) -> dict:
+    return (isvc.get("spec", {}).get("predictor") or {}).get("model") or {}
 
 
-def _env(isvc: dict, name: str) -> str | None:
-    env = (_container(isvc) or {}).get("env") or []
-    return next((e.get("value") for e in env if e.get("name") == name), None)
+def _served(isvc: dict) -> tuple[str | None, str | None]:
+    """The storage URI the predictor's model names, and the version its server labels metrics with."""
+    model = _model(isvc)
+    env = model.get("env") or []
+    return model.get("storageUri"), next((e.get("value") for e in env if e.get("name") == VERSION_ENV), None)
 
 
 def _percent(isvc: dict) -> int | None:
@@ -623,7 +622,7 @@ class KServeBackend:
             _call(self.where, "create", self._api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
                   PLURAL, body)  # fmt: skip
             return self._wait("the new InferenceService to serve", _latest_serves_all(None), before=None)
-        differs = (_env(isvc, STORAGE_ENV), _env(isvc, VERSION_ENV)) != (storage, self.versions.get(storage, "unknown"))
+        differs = _served(isvc) != (storage, self.versions.get(storage, "unknown"))
         # With no percentage, 0% makes KServe fall back to the revision rolled out before the one serving (after a
         # promotion: the champion's); a storage changed in the same patch would leave all the traffic where it is
         # until the new revision is ready.
@@ -817,25 +816,19 @@ class KServeBackend:
             self.lease.check()
 
     def _storage_patch(self, isvc: dict, storage: str, percent: int | None) -> dict:
-        """A merge patch that points the kserve-container at `storage` and sets canaryTrafficPercent (None drops
-        it). A merge patch replaces a list whole, so the containers go back complete with only STORAGE_URI
-        and the version changed."""
-        containers = copy.deepcopy(isvc["spec"]["predictor"].get("containers") or [])
-        container = next((c for c in containers if c.get("name") == CONTAINER), None)
-        if container is None:
+        """A merge patch that points the predictor's model at `storage`, labels it with its version and sets
+        canaryTrafficPercent (None drops it). A merge patch replaces a list whole, so the env goes back complete
+        with only the version changed."""
+        model = _model(isvc)
+        if not model:
             raise CanaryflowError(
-                f"{self.where} has no container named {CONTAINER}; the KServe backend serves canaryflow's own "
-                "container (manifests/base/inferenceservice.yaml)"
+                f"{self.where} has no predictor.model (an older canaryflow manifest gave predictor.containers): "
+                f"apply manifests/ again, whose InferenceService names the {RUNTIME} runtime"
             )
-        env = container.setdefault("env", [])
-        for name, value in ((STORAGE_ENV, storage), (VERSION_ENV, self.versions.get(storage, "unknown"))):
-            entry = next((e for e in env if e.get("name") == name), None)
-            if entry is None:
-                env.append({"name": name, "value": value})
-            else:
-                entry.clear()  # a valueFrom must not survive beside the value
-                entry.update(name=name, value=value)
-        return {"spec": {"predictor": {"canaryTrafficPercent": percent, "containers": containers}}}
+        env = [e for e in copy.deepcopy(model.get("env") or []) if e.get("name") != VERSION_ENV]
+        # A valueFrom must not survive beside the value: the entry is replaced whole.
+        env.append({"name": VERSION_ENV, "value": self.versions.get(storage, "unknown")})
+        return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage, "env": env}}}}
 
     def _patch(self, isvc: dict, body: dict, retries: int = 5) -> dict:
         """Apply a merge patch computed from `isvc`, with its resourceVersion as a precondition (the API server
