@@ -445,7 +445,7 @@ def test_base_manifest_is_the_object_the_backend_creates():
 def test_the_runtime_runs_canaryflows_server_on_what_kserve_downloads():
     from canaryflow.rollout import kserve
 
-    (runtime,) = _docs(MANIFESTS / "base" / "servingruntime.yaml")
+    (runtime,) = _docs(MANIFESTS / "runtime" / "servingruntime.yaml")
     assert runtime["kind"] == "ClusterServingRuntime" and runtime["metadata"]["name"] == kserve.RUNTIME
     assert {"name": kserve.MODEL_FORMAT, "version": "1", "autoSelect": True} in runtime["spec"]["supportedModelFormats"]
     (container,) = runtime["spec"]["containers"]

@@ -364,7 +364,7 @@ def test_the_podmonitor_scrapes_the_inferenceservices_predictors():
     # Its own namespace (no namespaceSelector), which is the InferenceService's in prod.
     assert "namespaceSelector" not in monitor["spec"]
     assert monitor["metadata"]["namespace"] == NAMESPACES["prod"]
-    (runtime,) = yaml.safe_load_all((MANIFESTS / "base" / "servingruntime.yaml").read_text())
+    (runtime,) = yaml.safe_load_all((MANIFESTS / "runtime" / "servingruntime.yaml").read_text())
     container = next(c for c in runtime["spec"]["containers"] if c["name"] == kserve.CONTAINER)
     ports = {p["containerPort"] for p in container["ports"]}
     args = container["args"]

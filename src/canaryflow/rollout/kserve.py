@@ -45,7 +45,7 @@ from canaryflow.serving.http import LATENCY_BUCKETS
 from canaryflow.serving.server import CHRF_BUCKETS
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
-# manifests/base/servingruntime.yaml: the ClusterServingRuntime that runs canaryflow's server, and the model format
+# manifests/runtime/servingruntime.yaml: the ClusterServingRuntime that runs canaryflow's server, and the model format
 # an InferenceService names to get it.
 RUNTIME = MODEL_FORMAT = "canaryflow"
 CONTAINER = "kserve-container"  # the runtime's container, which KServe gives the downloaded model
