@@ -27,6 +27,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def model_server(generator, variant: str, version: str, fault=None, name: str = "demo", **options):
+    """A model server on loopback, as `canaryflow serve` runs one, answering for the model `name`: `.shutdown()`
+    and `.server_address`."""
+    from canaryflow.serving.app import make_app, serve_in_thread
+    from canaryflow.serving.server import ModelService
+
+    return serve_in_thread(make_app(ModelService(generator, variant, version, fault, **options), name))
+
+
 class Unavailable(Exception):
     """This machine cannot run the server; the message says why (it becomes the skip reason)."""
 

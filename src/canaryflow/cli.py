@@ -782,13 +782,20 @@ def serve(
         ),
     ] = None,
     variant: Annotated[str, typer.Option("--variant", help="The variant label on metrics.")] = "primary",
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name", help="The name KServe's V1 and v2 routes answer for (default: registry.model_name)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Serve one model over HTTP: /health, /predict, /metrics. The config's serving section sets the input
-    limits and the input log (default: under --workdir, which `drift check` reads)."""
+    """Serve one model over HTTP: /predict, KServe's V1 (/v1/models/NAME:predict) and the Open Inference
+    Protocol v2 (/v2/models/NAME/infer), /health and /metrics. The config's serving section sets the input
+    limits, batching and the input log (default: under --workdir, which `drift check` reads)."""
     import mlflow
 
     from canaryflow.registry.tracking import sqlite_uri
@@ -806,6 +813,7 @@ def serve(
 
         model_version = resolve_version(model_uri)
     args = ["--model-uri", model_uri, "--host", host, "--port", str(port), "--variant", variant]
+    args += ["--model-name", model_name or cfg.registry.model_name]
     args += ["--model-version", model_version or "unknown", "--serving-config", cfg.serving.model_dump_json()]
     args += ["--input-log-dir", cfg.serving.input_log.dir or str(input_log_dir(workdir))]
     code = serve_main(args)

@@ -452,6 +452,15 @@ class InputLogConfig(_Section):
     mask_numbers: bool = Field(True, description="Replace digit runs in logged text with <num>.")
 
 
+class BatchConfig(_Section):
+    """Dynamic batching in the model server: concurrent requests generated together."""
+
+    max_size: int = Field(16, gt=0, description="Most inputs generated as one batch.")
+    max_latency_ms: float = Field(
+        5.0, ge=0, description="How long the first request of a batch waits for others to join it."
+    )
+
+
 class ServingConfig(_Section):
     max_input_tokens: int | None = Field(
         None,
@@ -464,6 +473,13 @@ class ServingConfig(_Section):
         500, gt=0, description="Recent inputs over which a model server measures drift for its /metrics."
     )
     input_log: InputLogConfig = Field(default_factory=InputLogConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    max_in_flight: int = Field(
+        64, gt=0, description="Prediction requests a server takes at once; past it, 503 with Retry-After."
+    )
+    drain_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, seconds the requests in flight get to finish before the server exits."
+    )
 
 
 class DriftConfig(_Section):

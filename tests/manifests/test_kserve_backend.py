@@ -451,9 +451,10 @@ def test_the_runtime_runs_canaryflows_server_on_what_kserve_downloads():
     (container,) = runtime["spec"]["containers"]
     assert container["name"] == kserve.CONTAINER and container["command"] == ["canaryflow", "serve"]
     args = container["args"]
-    assert args[args.index("--model-uri") + 1] == kserve.MODEL_DIR and args[args.index("--port") + 1] == str(
-        kserve.PORT
-    )
+    assert args[args.index("--model-uri") + 1] == kserve.MODEL_DIR
+    assert args[args.index("--port") + 1] == str(kserve.PORT)
+    assert args[args.index("--model-name") + 1] == "{{.Name}}"  # the InferenceService's name, from KServe
+    assert runtime["spec"]["protocolVersions"] == ["v1", "v2"]
     assert {p["containerPort"] for p in container["ports"]} == {kserve.PORT}
     assert _base_isvc()["spec"]["predictor"]["model"]["runtime"] == kserve.RUNTIME
 

@@ -17,7 +17,8 @@ from canaryflow.rollout.local import LocalBackend, MirrorResult, Router, post_js
 from canaryflow.serving.faults import CRASH_EXIT_CODE, parse_fault
 from canaryflow.serving.http import MAX_BODY_BYTES, ConnectionPool, JsonHandler, serve_in_thread
 from canaryflow.serving.inputlog import InputLog
-from canaryflow.serving.server import MAX_INPUT_CHARS, load_generator, main, make_handler
+from canaryflow.serving.server import MAX_INPUT_CHARS, load_generator, main
+from tests.servers import model_server
 
 INPUTS = ["name: Ada | job: baker | city: Oslo", "name: Bo | job: pilot | city: Rome"]
 
@@ -26,8 +27,7 @@ INPUTS = ["name: Ada | job: baker | city: Oslo", "name: Bo | job: pilot | city: 
 def servers(trained):
     generator = Seq2SeqGenerator(trained[0])
     started = {
-        name: serve_in_thread(make_handler(generator, name, version))
-        for name, version in (("champion", "1"), ("challenger", "2"))
+        name: model_server(generator, name, version) for name, version in (("champion", "1"), ("challenger", "2"))
     }
     urls = {name: f"http://127.0.0.1:{srv.server_address[1]}" for name, srv in started.items()}
     yield urls
@@ -84,10 +84,9 @@ def metered(trained, prepared, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("input-log")
     serving = ServingConfig(max_input_tokens=40, drift_window=40, input_log=InputLogConfig(sample_rate=1.0))
     input_log = InputLog.open(serving.input_log, log_dir, "challenger", "7")
-    handler = make_handler(
+    srv = model_server(
         generator, "challenger", "7", serving=serving, profile=prepared[1]["profile"], input_log=input_log
     )
-    srv = serve_in_thread(handler)
     yield f"http://127.0.0.1:{srv.server_address[1]}", log_dir
     srv.shutdown()
     input_log.close()
@@ -282,7 +281,7 @@ class Echo:
 def faulty(trained):
     model = Seq2SeqGenerator(trained[0])
     started = {
-        spec: serve_in_thread(make_handler(generator, "challenger", "2", parse_fault(spec, seed=1)))
+        spec: model_server(generator, "challenger", "2", parse_fault(spec, seed=1))
         for spec, generator in (
             ("none", model),
             ("quality=garbage", model),

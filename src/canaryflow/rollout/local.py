@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 from canaryflow.config import ServingConfig
@@ -38,14 +39,15 @@ from canaryflow.serving.http import (
 )
 
 
-def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, dict]:
-    """POST and return (status, body, headers); an HTTP error status is a result, not an exception."""
+def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, Message]:
+    """POST and return (status, body, headers); an HTTP error status is a result, not an exception. The headers
+    are looked up case-insensitively, as HTTP has them: an ASGI server sends their names in lower case."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, resp.read(), dict(resp.headers)
+            return resp.status, resp.read(), resp.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
+        return exc.code, exc.read(), exc.headers
 
 
 class ModelServerProcess:

@@ -1,4 +1,5 @@
-"""The HTTP model server: /health, /predict, /metrics, with input limits.
+"""The model server: one model behind /predict, KServe's V1 and the Open Inference Protocol v2 (serving/app.py),
+with input limits, dynamic batching, drift and per-version metrics.
 
 Run as `canaryflow serve --model-uri URI` or `python -m canaryflow.serving.server`. The model is loaded
 once at start-up through MLflow pyfunc (a `models:/` URI resolves its alias then, and a directory holding
@@ -20,11 +21,12 @@ from canaryflow.config import ServingConfig
 from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.evaluation.online import sentence_chrf
 from canaryflow.serving.faults import Fault, parse_fault
-from canaryflow.serving.http import LATENCY_BUCKETS, RequestError, ServiceHandler, serve_in_thread
+from canaryflow.serving.http import LATENCY_BUCKETS, RequestError
 from canaryflow.serving.inputlog import InputLog
 
 MAX_INPUT_CHARS = 16_384  # checked before tokenizing: a megabyte string must not cost a tokenizer pass to refuse
 TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CHRF_BUCKETS = tuple(range(10, 101, 10))
 
 
@@ -88,186 +90,273 @@ class DriftCollector:
         yield gauge
 
 
-def make_handler(
-    generator,
-    variant: str,
-    model_version: str,
-    fault: Fault | None = None,
-    *,
-    serving: ServingConfig | None = None,
-    profile: dict | None = None,
-    input_log: InputLog | None = None,
-):
-    """The request handler class of one model server. `serving` sets the limits (the input-token limit
-    defaults to the length the model was trained on), `profile` the training data's input profile behind the
-    drift gauge (none: no gauge), `input_log` where sampled inputs go."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+class Batcher:
+    """Dynamic batching: inputs that arrive from concurrent requests within `max_latency_ms` of the first are
+    generated as one batch of at most `max_size` (the generator sorts a batch by length itself), one batch at a
+    time: concurrent torch calls on one device only fight over it. submit() blocks its caller until its own
+    answers are back, so any number of request threads (or an ASGI app's thread pool) can share one Batcher."""
 
-    serving = serving or ServingConfig()
-    max_tokens = serving.max_input_tokens or getattr(generator, "max_source_length", None)
-    tokenizer = getattr(generator, "tokenizer", None)
-    metrics_registry = CollectorRegistry()
-    labels = ("variant", "model_version")
-    requests = Counter(
-        "canaryflow_server_requests", "Predict requests by outcome.", (*labels, "code"), registry=metrics_registry
-    )
-    latency = Histogram(
-        "canaryflow_server_latency_seconds",
-        "Predict latency.",
-        labels,
-        buckets=LATENCY_BUCKETS,
-        registry=metrics_registry,
-    )
-    input_tokens = Histogram(
-        "canaryflow_server_input_tokens",
-        "Tokens per input answered: long inputs drive memory.",
-        labels,
-        buckets=TOKEN_BUCKETS,
-        registry=metrics_registry,
-    )
-    output_tokens = Histogram(
-        "canaryflow_server_output_tokens",
-        "Tokens per answer.",
-        labels,
-        buckets=TOKEN_BUCKETS,
-        registry=metrics_registry,
-    )
-    refused = Counter(
-        "canaryflow_server_refused",
-        "Requests refused for their size: input_too_long, too_many_inputs, body_too_large.",
-        (*labels, "reason"),
-        registry=metrics_registry,
-    )
-    quality = Histogram(
-        "canaryflow_server_quality_chrf",
-        "chrF (0-100) of answers to requests that brought references: online quality where labels come back.",
-        labels,
-        buckets=CHRF_BUCKETS,
-        registry=metrics_registry,
-    )
-    logged = Counter(
-        "canaryflow_server_input_log_records",
-        "Sampled requests written to the input log.",
-        labels,
-        registry=metrics_registry,
-    )
-    limit = Gauge(
-        "canaryflow_server_max_input_tokens", "Longest input accepted, in tokens.", labels, registry=metrics_registry
-    )
-    # Every series exists from the start, so dashboards and alerts see 0 rather than "no data" before the first
-    # request of its kind.
-    for metric in (latency, input_tokens, output_tokens, quality, logged):
-        metric.labels(variant, model_version)
-    # Every code this server answers /predict with: Prometheus' increase() cannot count a series' first
-    # value, so a 500 series born at 1 would hide the first error from the canary's queries.
-    for code in ("200", "400", "413", "500"):
-        requests.labels(variant, model_version, code)
-    for reason in ("input_too_long", "too_many_inputs", "body_too_large"):
-        refused.labels(variant, model_version, reason)
-    if max_tokens:
-        limit.labels(variant, model_version).set(max_tokens)
-    drift = None
-    if profile is not None:
-        drift = DriftCollector(profile, serving.drift_window, {"variant": variant, "model_version": model_version})
-        metrics_registry.register(drift)
-    fault = fault or parse_fault("none")
-    # One generation at a time: concurrent torch calls on a small CPU only thrash each other's caches.
-    lock = threading.Lock()
+    def __init__(self, generate, max_size: int, max_latency_ms: float, on_batch=None):
+        self._generate = generate
+        self.max_size, self.max_latency_s = max_size, max_latency_ms / 1000
+        self._on_batch = on_batch or (lambda size, waits: None)
+        self._queue: deque[_Pending] = deque()
+        self._ready = threading.Condition()
+        threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
-    def token_counts(texts: list[str]) -> list[int]:
-        if tokenizer is None:  # a generator without a tokenizer (none ships one) is measured in words
-            return [len(t.split()) for t in texts]
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    def submit(self, inputs: list[str]) -> list[str]:
+        pending = _Pending(inputs)
+        with self._ready:
+            self._queue.append(pending)
+            self._ready.notify()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.answers
 
-    class ModelHandler(ServiceHandler):
-        registry = metrics_registry
+    def _take(self) -> list[_Pending]:
+        """The next batch: the oldest request, then whatever else fits before the window closes."""
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            batch = [self._queue.popleft()]
+            size = len(batch[0].inputs)
+            deadline = batch[0].arrived + self.max_latency_s
+            while size < self.max_size:
+                if self._queue:
+                    if size + len(self._queue[0].inputs) > self.max_size:
+                        break
+                    batch.append(self._queue.popleft())
+                    size += len(batch[-1].inputs)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ready.wait(left)
+            return batch
 
-        def health(self) -> dict:
-            return {
-                "status": "ok",
-                "variant": variant,
-                "model_version": model_version,
-                "max_input_tokens": max_tokens,
-                "max_inputs_per_request": serving.max_inputs_per_request,
-            }
-
-        def predict(self) -> None:
-            fault.on_request()
-            started = time.perf_counter()
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            started = time.monotonic()
+            inputs = [text for pending in batch for text in pending.inputs]
+            self._on_batch(len(inputs), [started - pending.arrived for pending in batch])
             try:
-                try:
-                    body = self.read_json()
-                except RequestError as exc:
-                    if exc.status == 413:
-                        refused.labels(variant, model_version, "body_too_large").inc()
-                    raise
-                inputs, references = self._inputs(body)
-                lengths = self._check_lengths(inputs)
-                if input_log is not None and input_log.record(body):
-                    logged.labels(variant, model_version).inc()
-                if drift is not None:
-                    drift.add(inputs)
-                if fault.before_predict():
-                    raise RuntimeError(f"injected fault {fault}")
-                with lock:
-                    predictions = fault.after_predict(generator.generate(inputs))
-                for n in lengths:
-                    input_tokens.labels(variant, model_version).observe(n)
-                for n in token_counts(predictions):
-                    output_tokens.labels(variant, model_version).observe(n)
-                for prediction, refs in zip(predictions, references):
-                    score = sentence_chrf(prediction, refs)
-                    if score is not None:
-                        quality.labels(variant, model_version).observe(score)
-                status, answer = 200, {"predictions": predictions, "model_version": model_version}
-            except RequestError as exc:
-                status, answer = exc.status, {"error": str(exc)}
-            except Exception as exc:  # a model failure is a 500 for this request, never a dead server
-                status, answer = 500, {"error": f"{type(exc).__name__}: {exc}"}
-            requests.labels(variant, model_version, str(status)).inc()
-            latency.labels(variant, model_version).observe(time.perf_counter() - started)
-            self.send_json(status, answer, {"X-Model-Version": model_version})
+                answers = self._generate(inputs)
+            except Exception as exc:  # every request of the batch gets the failure; the batcher lives on
+                for pending in batch:
+                    pending.error = exc
+                    pending.done.set()
+                continue
+            for pending in batch:
+                pending.answers, answers = answers[: len(pending.inputs)], answers[len(pending.inputs) :]
+                pending.done.set()
 
-        @staticmethod
-        def _inputs(body: dict) -> tuple[list[str], list[list[str]]]:
-            inputs = body.get("inputs")
-            if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
-                raise RequestError(400, "'inputs' must be a non-empty list of strings")
-            if len(inputs) > serving.max_inputs_per_request:
-                refused.labels(variant, model_version, "too_many_inputs").inc()
-                raise RequestError(
-                    413, f"{len(inputs)} inputs exceed the limit of {serving.max_inputs_per_request} per request"
-                )
-            references = body.get("references")
-            if references is None:
-                return inputs, [[] for _ in inputs]
-            if not isinstance(references, list) or len(references) != len(inputs):
-                raise RequestError(400, "'references', when given, must be a list with one entry per input")
-            as_lists = [[r] if isinstance(r, str) else r for r in references]
-            if not all(isinstance(r, list) and all(isinstance(x, str) for x in r) for r in as_lists):
-                raise RequestError(400, "each entry of 'references' must be a string or a list of strings")
-            return inputs, as_lists
 
-        @staticmethod
-        def _check_lengths(inputs: list[str]) -> list[int]:
-            """Each input's token count; 413 naming the first input over the limit."""
-            longest = max(len(x) for x in inputs)
-            if longest > MAX_INPUT_CHARS:
-                refused.labels(variant, model_version, "input_too_long").inc()
-                raise RequestError(413, f"an input of {longest} characters exceeds the limit of {MAX_INPUT_CHARS}")
-            lengths = token_counts(inputs)
-            over = next(((i, n) for i, n in enumerate(lengths) if max_tokens and n > max_tokens), None)
-            if over is not None:
-                refused.labels(variant, model_version, "input_too_long").inc()
-                i, n = over
-                raise RequestError(
-                    413,
-                    f"input {i + 1} of {len(inputs)} is {n} tokens long; this model takes at most {max_tokens} "
-                    "(serving.max_input_tokens): shorten or split it",
-                )
-            return lengths
+class _Pending:
+    def __init__(self, inputs: list[str]):
+        self.inputs = inputs
+        self.arrived = time.monotonic()
+        self.answers: list[str] = []
+        self.error: Exception | None = None
+        self.done = threading.Event()
 
-    return ModelHandler
+
+class ModelService:
+    """One model behind every protocol the server speaks: the limits, the input log, drift, the drill faults,
+    dynamic batching and the per-version metrics live here, so that /predict, KServe V1 and the Open Inference
+    Protocol all get them alike. `serving` sets the limits (the input-token limit defaults to the length the
+    model was trained on), `profile` the training data's input profile behind the drift gauge (none: no gauge),
+    `input_log` where sampled inputs go."""
+
+    def __init__(
+        self,
+        generator,
+        variant: str,
+        model_version: str,
+        fault: Fault | None = None,
+        *,
+        serving: ServingConfig | None = None,
+        profile: dict | None = None,
+        input_log: InputLog | None = None,
+    ):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.generator, self.variant, self.model_version = generator, variant, model_version
+        self.serving = serving = serving or ServingConfig()
+        self.max_tokens = serving.max_input_tokens or getattr(generator, "max_source_length", None)
+        self.tokenizer = getattr(generator, "tokenizer", None)
+        self.fault = fault or parse_fault("none")
+        self.input_log = input_log
+        self.registry = registry = CollectorRegistry()
+        labels = ("variant", "model_version")
+        self._requests = Counter(
+            "canaryflow_server_requests", "Predict requests by outcome.", (*labels, "code"), registry=registry
+        )
+        self._latency = Histogram(
+            "canaryflow_server_latency_seconds", "Predict latency.", labels, buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self._input_tokens = Histogram(
+            "canaryflow_server_input_tokens",
+            "Tokens per input answered: long inputs drive memory.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self._output_tokens = Histogram(
+            "canaryflow_server_output_tokens", "Tokens per answer.", labels, buckets=TOKEN_BUCKETS, registry=registry
+        )
+        self._refused = Counter(
+            "canaryflow_server_refused",
+            "Requests refused for their size: input_too_long, too_many_inputs, body_too_large.",
+            (*labels, "reason"),
+            registry=registry,
+        )
+        self._quality = Histogram(
+            "canaryflow_server_quality_chrf",
+            "chrF (0-100) of answers to requests that brought references: online quality where labels come back.",
+            labels,
+            buckets=CHRF_BUCKETS,
+            registry=registry,
+        )
+        self._logged = Counter(
+            "canaryflow_server_input_log_records", "Sampled requests written to the input log.", labels,
+            registry=registry,
+        )  # fmt: skip
+        self._batch_size = Histogram(
+            "canaryflow_server_batch_size", "Inputs generated together in one batch.", labels,
+            buckets=BATCH_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._queue_wait = Histogram(
+            "canaryflow_server_queue_wait_seconds", "Time a request waited for its batch to start.", labels,
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        limit = Gauge(
+            "canaryflow_server_max_input_tokens", "Longest input accepted, in tokens.", labels, registry=registry
+        )
+        # Every series exists from the start, so dashboards and alerts see 0 rather than "no data" before the first
+        # request of its kind.
+        for metric in (self._latency, self._input_tokens, self._output_tokens, self._quality, self._logged,
+                       self._batch_size, self._queue_wait):  # fmt: skip
+            metric.labels(variant, model_version)
+        # Every code this server answers a prediction with: Prometheus' increase() cannot count a series' first
+        # value, so a 500 series born at 1 would hide the first error from the canary's queries.
+        for code in ("200", "400", "404", "413", "500", "503"):
+            self._requests.labels(variant, model_version, code)
+        for reason in ("input_too_long", "too_many_inputs", "body_too_large"):
+            self._refused.labels(variant, model_version, reason)
+        if self.max_tokens:
+            limit.labels(variant, model_version).set(self.max_tokens)
+        self.drift = None
+        if profile is not None:
+            self.drift = DriftCollector(
+                profile, serving.drift_window, {"variant": variant, "model_version": model_version}
+            )
+            registry.register(self.drift)
+        if _cuda_available():
+            registry.register(_GpuMemory({"variant": variant, "model_version": model_version}))
+        self.batcher = Batcher(generator.generate, serving.batch.max_size, serving.batch.max_latency_ms, self._batched)
+
+    def _batched(self, size: int, waits: list[float]) -> None:
+        self._batch_size.labels(self.variant, self.model_version).observe(size)
+        for wait in waits:
+            self._queue_wait.labels(self.variant, self.model_version).observe(wait)
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "variant": self.variant,
+            "model_version": self.model_version,
+            "max_input_tokens": self.max_tokens,
+            "max_inputs_per_request": self.serving.max_inputs_per_request,
+        }
+
+    def refused_body(self) -> None:
+        self._refused.labels(self.variant, self.model_version, "body_too_large").inc()
+
+    def count(self, status: int, started: float) -> None:
+        self._requests.labels(self.variant, self.model_version, str(status)).inc()
+        self._latency.labels(self.variant, self.model_version).observe(time.perf_counter() - started)
+
+    def answer(self, inputs: list[str], references: list[list[str]] | None, logged: dict) -> list[str]:
+        """Predictions for `inputs`, after the limits (RequestError 413), the input log (`logged` is the record
+        written, protocol aside) and the drill faults; then the token and quality metrics. Blocks while its batch
+        runs: call it from a worker thread."""
+        if not inputs:
+            raise RequestError(400, "no inputs: give at least one string")
+        if len(inputs) > self.serving.max_inputs_per_request:
+            self._refused.labels(self.variant, self.model_version, "too_many_inputs").inc()
+            raise RequestError(
+                413, f"{len(inputs)} inputs exceed the limit of {self.serving.max_inputs_per_request} per request"
+            )
+        references = references if references is not None else [[] for _ in inputs]
+        lengths = self._check_lengths(inputs)
+        if self.input_log is not None and self.input_log.record(logged):
+            self._logged.labels(self.variant, self.model_version).inc()
+        if self.drift is not None:
+            self.drift.add(inputs)
+        if self.fault.before_predict():
+            raise RuntimeError(f"injected fault {self.fault}")
+        predictions = self.fault.after_predict(self.batcher.submit(inputs))
+        for n in lengths:
+            self._input_tokens.labels(self.variant, self.model_version).observe(n)
+        for n in self._token_counts(predictions):
+            self._output_tokens.labels(self.variant, self.model_version).observe(n)
+        for prediction, refs in zip(predictions, references):
+            score = sentence_chrf(prediction, refs)
+            if score is not None:
+                self._quality.labels(self.variant, self.model_version).observe(score)
+        return predictions
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        if self.tokenizer is None:  # a generator without a tokenizer (none ships one) is measured in words
+            return [len(t.split()) for t in texts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+    def _check_lengths(self, inputs: list[str]) -> list[int]:
+        """Each input's token count; 413 naming the first input over the limit."""
+        longest = max(len(x) for x in inputs)
+        if longest > MAX_INPUT_CHARS:
+            self._refused.labels(self.variant, self.model_version, "input_too_long").inc()
+            raise RequestError(413, f"an input of {longest} characters exceeds the limit of {MAX_INPUT_CHARS}")
+        lengths = self._token_counts(inputs)
+        over = next(((i, n) for i, n in enumerate(lengths) if self.max_tokens and n > self.max_tokens), None)
+        if over is not None:
+            self._refused.labels(self.variant, self.model_version, "input_too_long").inc()
+            i, n = over
+            raise RequestError(
+                413,
+                f"input {i + 1} of {len(inputs)} is {n} tokens long; this model takes at most {self.max_tokens} "
+                "(serving.max_input_tokens): shorten or split it",
+            )
+        return lengths
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class _GpuMemory:
+    """GPU memory in use, read when /metrics is scraped: what a batch too large for the device shows first."""
+
+    def __init__(self, labels: dict[str, str]):
+        self._labels = labels
+
+    def collect(self):
+        import torch
+        from prometheus_client.core import GaugeMetricFamily
+
+        gauge = GaugeMetricFamily(
+            "canaryflow_server_gpu_memory_bytes", "GPU memory allocated by the model server.",
+            labels=[*self._labels, "device"],
+        )  # fmt: skip
+        for index in range(torch.cuda.device_count()):
+            gauge.add_metric([*self._labels.values(), str(index)], torch.cuda.memory_allocated(index))
+        yield gauge
 
 
 def _serving_config(text: str, max_input_tokens: int | None) -> ServingConfig:
@@ -307,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", help="write the bound port here once the model is loaded")
     parser.add_argument("--variant", default="primary", help="label on metrics: champion, challenger, ...")
     parser.add_argument("--model-version", default="unknown", help="label on metrics and responses")
+    parser.add_argument(
+        "--model-name", default="model", help="the name KServe's V1 and v2 routes answer for (/v1/models/NAME)"
+    )
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument(
         "--fault", default="none", help="for drills: errors=P, latency_ms=N, quality=garbage, crash-after=N or none"
@@ -330,21 +422,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"error: cannot load model {args.model_uri}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    handler = make_handler(
+    from canaryflow.serving.app import make_app, serve
+
+    service = ModelService(
         generator, args.variant, args.model_version, fault, serving=serving, profile=profile, input_log=input_log
     )
-    server = serve_in_thread(handler, args.host, args.port)
-    port = server.server_address[1]
-    if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(port))
-        os.replace(tmp, args.port_file)  # atomic: a reader never sees a half-written port
     drill = f" with injected fault {fault}" if fault.kind != "none" else ""
-    print(
-        f"serving {args.model_uri} as {args.variant} on http://{args.host}:{port}{drill}", file=sys.stderr, flush=True
-    )
+
+    def bound(port: int) -> None:
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)  # atomic: a reader never sees a half-written port
+        print(
+            f"serving {args.model_uri} as {args.variant} ({args.model_name}) on http://{args.host}:{port}{drill}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
-        threading.Event().wait()
+        serve(make_app(service, args.model_name), args.host, args.port, serving.drain_s, on_bound=bound)
     except KeyboardInterrupt:
         pass
     return 0
