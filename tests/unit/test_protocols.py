@@ -253,3 +253,37 @@ def test_sigterm_drains_the_requests_in_flight(trained, tmp_path):
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def test_the_readmes_curl_commands_answer(trained):
+    """Every command of the README's "Calling a served model", against a server answering as it says."""
+    import re
+    import shlex
+    import shutil
+
+    from tests.conftest import REPO
+    from tests.prometheus import unavailable
+
+    if shutil.which("curl") is None:
+        unavailable("no curl on PATH: the README's commands are curl's")
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- calling-a-model -->\n```sh\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    assert lines[0].startswith("canaryflow serve --model-uri models:/canaryflow-demo@champion --port 8080")
+    srv = model_server(load_predictor(trained[0]), "primary", "1", name="canaryflow-demo")
+    port = srv.server_address[1]
+    try:
+        answers = []
+        for line in lines[1:]:
+            argv = [arg.replace("localhost:8080", f"127.0.0.1:{port}") for arg in shlex.split(line)]
+            assert argv[0] == "curl", line
+            done = subprocess.run([*argv, "--fail-with-body"], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            answers.append(json.loads(done.stdout))
+    finally:
+        srv.shutdown()
+    assert len(answers[0]["predictions"]) == 1
+    assert answers[1] == {"name": "canaryflow-demo", "ready": True}
+    assert len(answers[2]["predictions"]) == 2
+    assert answers[3] == {"ready": True} and answers[4]["ready"] is True
+    assert answers[5]["outputs"][0]["datatype"] == "BYTES" and len(answers[5]["outputs"][0]["data"]) == 1
