@@ -29,15 +29,31 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
-            def _any(self) -> None:
+            def _body(self) -> bytes | None:
+                # requests streams a file it cannot size (an empty one included) with chunked encoding, as
+                # HTTP/1.1 allows (RFC 9112 section 7.1); the body goes upstream whole, with its length.
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = b""
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailer fields
+                    return body
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                return self.rfile.read(length) if length else None
+
+            def _any(self) -> None:
+                body = self._body()
                 if proxy._should_fail(self.path):
                     proxy._note(self.command, self.path, 503)
                     self._answer(503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', "application/json")
                     return
                 connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                hop = ("host", "connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 payload = response.read()
