@@ -231,17 +231,28 @@ def _tensor_strings(tensor: dict) -> list[str]:
     return strings
 
 
-def serve(app, host: str, port: int, drain_s: float, on_bound=None) -> None:
-    """Run `app` with uvicorn until SIGTERM or SIGINT; then stop taking connections and give requests in flight
-    up to `drain_s` to finish. `on_bound(port)` runs once the socket is bound (port 0 picks one)."""
+def _listening(host: str, port: int):
+    """A bound, listening socket whose connections send without Nagle's delay. uvicorn writes a response's
+    headers and body apart; with Nagle on, the body waits for the client's delayed ACK of the headers, 40 ms
+    on Linux, on every keep-alive answer (measured: /health took 44 ms, 0.25 ms with this). Linux gives
+    accepted sockets the listener's TCP_NODELAY."""
     import socket
-
-    import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(128)
+    return sock
+
+
+def serve(app, host: str, port: int, drain_s: float, on_bound=None) -> None:
+    """Run `app` with uvicorn until SIGTERM or SIGINT; then stop taking connections and give requests in flight
+    up to `drain_s` to finish. `on_bound(port)` runs once the socket is bound (port 0 picks one)."""
+
+    import uvicorn
+
+    sock = _listening(host, port)
     if on_bound is not None:
         on_bound(sock.getsockname()[1])
     config = uvicorn.Config(
@@ -260,14 +271,11 @@ def serve(app, host: str, port: int, drain_s: float, on_bound=None) -> None:
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     """The app on a uvicorn server in a daemon thread, for tests and the local canary's in-process uses; the
     returned server has `server_address` and `shutdown()` like the standard library's."""
-    import socket
     import threading
 
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind((host, port))
-    sock.listen(128)
+    sock = _listening(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

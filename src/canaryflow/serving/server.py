@@ -10,11 +10,13 @@ makes the server misbehave on purpose, for canary drills (see faults.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from canaryflow.config import ServingConfig
@@ -101,13 +103,33 @@ class Batcher:
         self.max_size, self.max_latency_s = max_size, max_latency_ms / 1000
         self._on_batch = on_batch or (lambda size, waits: None)
         self._queue: deque[_Pending] = deque()
+        self._arriving = 0  # requests on their way to submit() (checking limits, logging): worth waiting for
         self._ready = threading.Condition()
         threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
-    def submit(self, inputs: list[str]) -> list[str]:
+    @contextmanager
+    def arriving(self):
+        """Around a request's way to submit(): while one is on its way, a batch waits for it (within the window);
+        with none, a lone request starts at once instead of waiting out the window for nobody. The ticket it
+        yields goes to submit(), which stops counting the request as it queues it, in one step."""
+        ticket = _Pending([])
+        with self._ready:
+            self._arriving += 1
+        try:
+            yield ticket
+        finally:
+            with self._ready:
+                if not ticket.queued:
+                    self._arriving -= 1
+                    self._ready.notify()
+
+    def submit(self, inputs: list[str], ticket: _Pending | None = None) -> list[str]:
         pending = _Pending(inputs)
         with self._ready:
             self._queue.append(pending)
+            if ticket is not None and not ticket.queued:
+                ticket.queued = True
+                self._arriving -= 1
             self._ready.notify()
         pending.done.wait()
         if pending.error is not None:
@@ -130,7 +152,7 @@ class Batcher:
                     size += len(batch[-1].inputs)
                     continue
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or not self._arriving:
                     break
                 self._ready.wait(left)
             return batch
@@ -160,6 +182,7 @@ class _Pending:
         self.answers: list[str] = []
         self.error: Exception | None = None
         self.done = threading.Event()
+        self.queued = False  # as an arrival ticket: submit() has queued its request
 
 
 class ModelService:
@@ -185,7 +208,11 @@ class ModelService:
         self.generator, self.variant, self.model_version = generator, variant, model_version
         self.serving = serving = serving or ServingConfig()
         self.max_tokens = serving.max_input_tokens or getattr(generator, "max_source_length", None)
-        self.tokenizer = getattr(generator, "tokenizer", None)
+        # A copy for counting tokens in the request threads: a fast tokenizer keeps its padding and truncation
+        # settings in one shared Rust object that every call rewrites, so counting (no padding) beside the
+        # batcher's padded generation on the same object made some batches fail to build their tensors.
+        tokenizer = getattr(generator, "tokenizer", None)
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self.fault = fault or parse_fault("none")
         self.input_log = input_log
         self.registry = registry = CollectorRegistry()
@@ -282,6 +309,23 @@ class ModelService:
         """Predictions for `inputs`, after the limits (RequestError 413), the input log (`logged` is the record
         written, protocol aside) and the drill faults; then the token and quality metrics. Blocks while its batch
         runs: call it from a worker thread."""
+        with self.batcher.arriving() as ticket:
+            lengths = self._admit(inputs, references, logged)
+            answers = self.batcher.submit(inputs, ticket)
+        predictions = self.fault.after_predict(answers)
+        for n in lengths:
+            self._input_tokens.labels(self.variant, self.model_version).observe(n)
+        for n in self._token_counts(predictions):
+            self._output_tokens.labels(self.variant, self.model_version).observe(n)
+        for prediction, refs in zip(predictions, references or [[] for _ in inputs]):
+            score = sentence_chrf(prediction, refs)
+            if score is not None:
+                self._quality.labels(self.variant, self.model_version).observe(score)
+        return predictions
+
+    def _admit(self, inputs: list[str], references: list[list[str]] | None, logged: dict) -> list[int]:
+        """The limits (RequestError), the input log, drift and the drill's injected failure or delay; each
+        input's token count."""
         if not inputs:
             raise RequestError(400, "no inputs: give at least one string")
         if len(inputs) > self.serving.max_inputs_per_request:
@@ -289,7 +333,6 @@ class ModelService:
             raise RequestError(
                 413, f"{len(inputs)} inputs exceed the limit of {self.serving.max_inputs_per_request} per request"
             )
-        references = references if references is not None else [[] for _ in inputs]
         lengths = self._check_lengths(inputs)
         if self.input_log is not None and self.input_log.record(logged):
             self._logged.labels(self.variant, self.model_version).inc()
@@ -297,16 +340,7 @@ class ModelService:
             self.drift.add(inputs)
         if self.fault.before_predict():
             raise RuntimeError(f"injected fault {self.fault}")
-        predictions = self.fault.after_predict(self.batcher.submit(inputs))
-        for n in lengths:
-            self._input_tokens.labels(self.variant, self.model_version).observe(n)
-        for n in self._token_counts(predictions):
-            self._output_tokens.labels(self.variant, self.model_version).observe(n)
-        for prediction, refs in zip(predictions, references):
-            score = sentence_chrf(prediction, refs)
-            if score is not None:
-                self._quality.labels(self.variant, self.model_version).observe(score)
-        return predictions
+        return lengths
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         if self.tokenizer is None:  # a generator without a tokenizer (none ships one) is measured in words
