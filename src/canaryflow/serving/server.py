@@ -112,7 +112,7 @@ class Batcher:
         """Around a request's way to submit(): while one is on its way, a batch waits for it (within the window);
         with none, a lone request starts at once instead of waiting out the window for nobody. The ticket it
         yields goes to submit(), which stops counting the request as it queues it, in one step."""
-        ticket = _Pending([])
+        ticket = _Ticket()
         with self._ready:
             self._arriving += 1
         try:
@@ -123,7 +123,7 @@ class Batcher:
                     self._arriving -= 1
                     self._ready.notify()
 
-    def submit(self, inputs: list[str], ticket: _Pending | None = None) -> list[str]:
+    def submit(self, inputs: list[str], ticket: _Ticket | None = None) -> list[str]:
         pending = _Pending(inputs)
         with self._ready:
             self._queue.append(pending)
@@ -182,7 +182,12 @@ class _Pending:
         self.answers: list[str] = []
         self.error: Exception | None = None
         self.done = threading.Event()
-        self.queued = False  # as an arrival ticket: submit() has queued its request
+
+
+class _Ticket:
+    """A request on its way to Batcher.submit(); `queued` once submit() has taken it off the arrivals."""
+
+    queued = False
 
 
 class ModelService:
