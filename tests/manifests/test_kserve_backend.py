@@ -737,7 +737,8 @@ def prometheus():
             if server.refuse:
                 self.answer(400, {"status": "error", "errorType": "bad_data", "error": "parse error: unexpected }"})
                 return
-            value = server.values.get((_kind(query), re.search(r'model_version="([^"]+)"', query).group(1)))
+            version = re.search(r'model_version="([^"]+)"', query)  # none in Knative's queries: no series
+            value = server.values.get((_kind(query), version.group(1))) if version else None
             if _kind(query) == "quality":
                 series = [{"metric": {"le": le}, "value": [1.7e9, v]} for le, v in (value or {}).items()]
             else:
@@ -782,6 +783,19 @@ def test_read_renders_the_configured_promql_per_version_and_counts(kserve, prome
         f"sum(increase(canaryflow_server_latency_seconds_count{{{selector}}}{window}))"
         f' - sum(increase(canaryflow_server_latency_seconds_bucket{{{selector},le=~"0[.]5([.]0)?"}}{window}))'
     ) in prometheus.queries
+
+
+def test_on_auto_a_queue_proxy_that_is_not_scraped_is_looked_for_once(kserve, prometheus):
+    backend, _, _ = kserve(prometheus=prometheus_query(prometheus.url))
+    backend.deploy(CHAMPION_URI, CHALLENGER_URI)
+    prometheus.values = _values(*[{"requests": "5", "errors": "0", "slow": "0", "p95_ms": "1"}] * 2)
+    for look in range(3):
+        prometheus.queries.clear()
+        counts = backend.read(250)
+        knative = [q for q in prometheus.queries if "revision_name=" in q]
+        # Looked for (both generations) at the first look only; our own metrics at every look.
+        assert len(knative) == (2 if look == 0 else 0), knative
+        assert counts["challenger"].requests == 5
 
 
 def test_counts_are_read_since_the_canary_began_and_never_over_less_than_four_scrapes(kserve, prometheus):

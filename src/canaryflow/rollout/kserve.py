@@ -165,6 +165,7 @@ def _knative(name: str, selector: str, errors: str, unit_ms: float, bounds: tupl
     }
 
 
+NONE_FOUND = "none found"  # knative_metrics: auto, and no generation's series exist
 KNATIVE_QUERIES: dict[str, dict[str, Any]] = {
     "otel": _knative(
         "kn_serving_invocation_duration_seconds|kn_queueproxy_app_duration_seconds",
@@ -755,8 +756,9 @@ class KServeBackend:
 
     def queue_proxy(self, variant: str, revision: str, seconds: float, threshold_ms: float) -> VariantCounts | None:
         """Knative's counts for the variant's revision, by the configured generation; on `auto`, the first
-        generation whose series exist, remembered once found. None: off, or nothing found on `auto`."""
-        if self.settings.knative_metrics == "off":
+        generation whose series exist, remembered once found. None: off, or nothing found on `auto`, which is
+        remembered too: the first look comes four scrapes into the canary, when a scraped queue-proxy has series."""
+        if self.settings.knative_metrics == "off" or self._knative == NONE_FOUND:
             return None
         for generation in [self._knative] if self._knative else list(KNATIVE_QUERIES):
             spec = KNATIVE_QUERIES[generation]
@@ -774,6 +776,7 @@ class KServeBackend:
                 continue
             self._knative = generation
             return counts
+        self._knative = NONE_FOUND
         return None
 
     def _query(self, name: str, template: str, values: dict) -> list[tuple[dict, float]]:
