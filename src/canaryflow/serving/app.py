@@ -114,39 +114,41 @@ def make_app(service, model_name: str):
             answer["id"] = body["id"]
         return answer
 
-    def ready(request: Request) -> JSONResponse:
-        try:
-            check_name(request)
-        except RequestError as exc:
-            return error(exc.status, str(exc))
-        return JSONResponse({"name": model_name, "ready": True})
+    def about_this_model(describe):
+        """A GET route about the model: 404 in the protocol's shape for another model's name."""
 
-    def metadata(request: Request) -> JSONResponse:
-        try:
-            check_name(request)
-        except RequestError as exc:
-            return error(exc.status, str(exc))
+        def route(request: Request) -> JSONResponse:
+            try:
+                check_name(request)
+            except RequestError as exc:
+                return error(exc.status, str(exc))
+            return JSONResponse(describe())
+
+        return route
+
+    def ready() -> dict:
+        return {"name": model_name, "ready": True}
+
+    def metadata() -> dict:
         tensor = {"datatype": "BYTES", "shape": [-1]}
-        return JSONResponse(
-            {
-                "name": model_name,
-                "versions": [service.model_version],
-                "platform": "canaryflow",
-                "inputs": [{"name": TEXT, **tensor}, {"name": REFERENCES, **tensor, "optional": True}],
-                "outputs": [{"name": TEXT, **tensor}],
-            }
-        )
+        return {
+            "name": model_name,
+            "versions": [service.model_version],
+            "platform": "canaryflow",
+            "inputs": [{"name": TEXT, **tensor}, {"name": REFERENCES, **tensor, "optional": True}],
+            "outputs": [{"name": TEXT, **tensor}],
+        }
 
     routes = [
         Route("/health", lambda request: JSONResponse(service.health())),
         Route("/metrics", lambda request: Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)),
         Route("/predict", predicting(_own_request, predict_reply), methods=["POST"]),
-        Route("/v1/models/{name}", ready),
+        Route("/v1/models/{name}", about_this_model(ready)),
         Route("/v1/models/{name}:predict", predicting(_v1_request, v1_reply), methods=["POST"]),
         Route("/v2/health/live", lambda request: JSONResponse({"live": True})),
         Route("/v2/health/ready", lambda request: JSONResponse({"ready": True})),
-        Route("/v2/models/{name}", metadata),
-        Route("/v2/models/{name}/ready", ready),
+        Route("/v2/models/{name}", about_this_model(metadata)),
+        Route("/v2/models/{name}/ready", about_this_model(ready)),
         Route("/v2/models/{name}/infer", predicting(_v2_request, v2_reply), methods=["POST"]),
     ]
 
