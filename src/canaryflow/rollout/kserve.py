@@ -744,14 +744,23 @@ class KServeBackend:
             out[variant] = own
         return out
 
-    def _values(self, version: str, revision: str | None, seconds: float, threshold_ms: float) -> dict:
+    def _values(
+        self,
+        version: str,
+        revision: str | None,
+        seconds: float,
+        threshold_ms: float,
+        bounds: tuple[float, ...] = LATENCY_BUCKETS,
+        unit_ms: float = 1000,
+    ) -> dict:
+        """What a query template is filled in with; `bounds` in units of `unit_ms` are the latency histogram's."""
         return {
             "namespace": self.namespace,
             "service": self.name,
             "version": version,
             "revision": revision or "",
             "window": f"{max(1, math.ceil(seconds))}s",
-            "threshold": _le(bucket_bound(threshold_ms / 1000, LATENCY_BUCKETS)),
+            "threshold": _le(bucket_bound(threshold_ms / unit_ms, bounds)),
         }
 
     def queue_proxy(self, variant: str, revision: str, seconds: float, threshold_ms: float) -> VariantCounts | None:
@@ -762,12 +771,7 @@ class KServeBackend:
             return None
         for generation in [self._knative] if self._knative else list(KNATIVE_QUERIES):
             spec = KNATIVE_QUERIES[generation]
-            values = {
-                "namespace": self.namespace,
-                "revision": revision,
-                "window": f"{max(1, math.ceil(seconds))}s",
-                "threshold": _le(bucket_bound(threshold_ms / spec["unit_ms"], spec["bounds"])),
-            }
+            values = self._values("", revision, seconds, threshold_ms, spec["bounds"], spec["unit_ms"])
             try:
                 counts = self._counts(variant, spec["queries"], values, f"Knative {generation}")
             except NoSeries:
