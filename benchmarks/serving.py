@@ -49,7 +49,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=160, help="per side, concurrency and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150, help="training steps of the tiny model")
     args = parser.parse_args()
     started = time.perf_counter()

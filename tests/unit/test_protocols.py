@@ -212,6 +212,48 @@ def test_concurrent_requests_are_generated_as_one_batch(trained):
         srv.shutdown()
 
 
+def test_the_batcher_generates_in_its_callers_threads_one_batch_at_a_time():
+    """A lone request generates in its own thread; concurrent ones share batches, never two at once; a failed
+    batch fails its own requests only."""
+    from canaryflow.serving.server import Batcher
+
+    threads, running, overlaps, sizes = [], [0], [], []
+    lock = threading.Lock()
+
+    def generate(inputs):
+        with lock:
+            running[0] += 1
+            overlaps.append(running[0])
+        threads.append(threading.current_thread())
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        if "boom" in inputs:
+            raise RuntimeError("boom")
+        return [text.upper() for text in inputs]
+
+    batcher = Batcher(generate, max_size=4, max_latency_ms=50, on_batch=lambda size, waits: sizes.append(size))
+    assert batcher.submit(["a"]) == ["A"] and threads == [threading.current_thread()]
+
+    def call(text):
+        with batcher.arriving() as ticket:
+            time.sleep(0.005)
+            try:
+                return batcher.submit([text, text], ticket)
+            except RuntimeError as exc:
+                return str(exc)
+
+    texts = [f"t{i}" for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(call, texts))
+    assert answers == [[t.upper(), t.upper()] for t in texts]
+    assert max(overlaps) == 1 and max(sizes) == 4 and sum(sizes) == 1 + 24 and len(sizes) < 13
+    with ThreadPoolExecutor(2) as pool:
+        failed, fine = pool.map(lambda x: call(x), ["boom", "ok"])
+    assert failed == "boom" and fine in ("boom", ["OK", "OK"])  # batched with the failure, or after it
+    assert batcher.submit(["after"]) == ["AFTER"]
+
+
 def test_past_the_bound_in_flight_the_answer_is_503_with_retry_after(trained):
     srv = model_server(load_predictor(trained[0]), "primary", "1", parse_fault("latency_ms=800"),
                        serving=ServingConfig(max_in_flight=1))  # fmt: skip
