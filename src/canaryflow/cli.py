@@ -613,8 +613,12 @@ def canary_drill(
 
 
 LogOpt = Annotated[
-    Path | None,
-    typer.Option("--log", help="The input log directory (default: serving.input_log.dir, else <workdir>/input-log)."),
+    str | None,
+    typer.Option(
+        "--log",
+        help="The input log: a directory, or where servers ship it (default: serving.input_log.upload_uri, else "
+        "serving.input_log.dir, else <workdir>/input-log).",
+    ),
 ]
 PlotOpt = Annotated[
     Path | None, typer.Option("--plot", help="Where to draw the drift picture (default: <workdir>/drift/latest.png).")
@@ -651,9 +655,13 @@ def _drift_line(result: dict) -> str:
     return f"Drift {verdict}{action}"
 
 
-def _drift_setup(config, set_, workdir: Path, tracking_uri, log: Path | None):
+def _drift_setup(config, set_, workdir: Path, tracking_uri, log: str | None):
+    """The config, and the input log's location: a resolved directory, or an upload URI as given."""
+    from canaryflow.serving.inputlog import is_uri
+
     cfg = _registry_config(config, set_, workdir, tracking_uri)
-    return cfg, (log or Path(cfg.serving.input_log.dir)).resolve()
+    location = log or cfg.serving.input_log.upload_uri or cfg.serving.input_log.dir
+    return cfg, location if is_uri(location) else Path(location).resolve()
 
 
 @drift_app.command("check")
@@ -763,7 +771,9 @@ def drift_watch(
         else:
             console.print(_drift_line(result))
 
-    drift.watch(cfg, log_dir, drift.WatchState(log_dir / "drift-watch.json"), trigger, checks=checks, on_check=report)
+    # Beside a log directory, as it always was; a log in a store gets its state under the workdir.
+    state = (workdir.resolve() / "drift" if isinstance(log_dir, str) else log_dir) / "drift-watch.json"
+    drift.watch(cfg, log_dir, drift.WatchState(state), trigger, checks=checks, on_check=report)
 
 
 @app.command()

@@ -437,9 +437,21 @@ class InputLogConfig(_Section):
         description="Directory of the log files (one per server: inputs-<variant>-v<version>.jsonl, rotated); "
         "unset: <workdir>/input-log locally, no log on a cluster unless set.",
     )
+    upload_uri: str | None = Field(
+        None,
+        description="Where each server ships its log files once closed, for `drift check` to read after the pod "
+        "is gone: an MLflow artifact URI (mlflow-artifacts:/input-log through the tracking server, s3://, gs://, "
+        "...) or a directory. Unset: the files stay in `dir`.",
+    )
+    upload_interval_s: float = Field(
+        300.0, gt=0, description="With upload_uri: the open log file is closed and shipped at least this often."
+    )
     sample_rate: float = Field(0.1, ge=0, le=1, description="Share of requests whose inputs are logged.")
     max_bytes: int = Field(10 << 20, gt=0, description="A log file is rotated once it reaches this size.")
-    backups: int = Field(5, ge=0, description="Rotated files kept per server; older ones are deleted.")
+    backups: int = Field(
+        5, ge=0, description="Rotated files kept per server; older ones are deleted. With upload_uri: files "
+        "kept while the upload fails."
+    )  # fmt: skip
     drop_fields: list[str] = Field(
         default_factory=list, description="Request fields never written (besides inputs, which always are)."
     )

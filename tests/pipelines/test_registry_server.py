@@ -5,14 +5,25 @@ server's proxy (`--default-artifact-root mlflow-artifacts:/`), as on a cluster."
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 
+import mlflow
 from mlflow import MlflowClient
 
 from canaryflow.config import load_config
+from canaryflow.data import drift
+from canaryflow.data.prepare import read_pairs
 from canaryflow.registry import ledger, models
+from canaryflow.rollout.local import post_json
 from tests.conftest import run_cli
 from tests.racing import race
+from tests.servers import free_port
 
 
 def _server_config(server, name: str):
@@ -78,3 +89,37 @@ def test_rollback_and_history_from_the_cli_against_the_server(server, tmp_path):
     ]
     assert moves[-1]["reason"] == "pager: p99 over budget"
     assert ledger.history(cfg, "champion")[-1]["to_version"] == after["champion"]
+
+
+def test_a_servers_input_log_outlives_it_in_the_trackings_artifact_store(sqlite_server, trained, prepared, tmp_path):
+    """As on a cluster: `canaryflow serve` ships its input log through the tracking server's proxied artifacts
+    (no cloud credentials in the pod); once it is gone, with its disk, drift is checked from the store."""
+    store = f"mlflow-artifacts:/input-log/{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "canaryflow.cli", "serve", "--model-uri", str(trained[0]), "--port", str(port),
+         "--tracking-uri", sqlite_server.url, "--workdir", str(tmp_path / "pod"),
+         "--set", "serving.input_log.sample_rate=1.0", "--set", f"serving.input_log.upload_uri={store}"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    inputs = read_pairs(prepared[0], "test")["input"].tolist()[:30]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        for start in range(0, len(inputs), 3):
+            body = json.dumps({"inputs": inputs[start : start + 3]}).encode()
+            assert post_json(f"http://127.0.0.1:{port}/predict", body, 60)[0] == 200
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    mlflow.set_tracking_uri(sqlite_server.url)
+    result = drift.check(load_config(overrides=["drift.min_inputs=10"]), store, reference=lambda: ("1", prepared[1]))
+    assert result["inputs"] == len(inputs) and result["status"] == "within_threshold", result
+    assert result["log_dir"] == store

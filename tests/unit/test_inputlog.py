@@ -248,3 +248,68 @@ def test_rotation_without_backups_truncates_and_drops_stale_backups(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["inputs-c-v1.jsonl"]
     assert 0 < log.path.stat().st_size <= 500
     assert log.written == 50
+
+
+# --- shipped to a store: a pod's disk dies with the pod ---
+
+
+def test_closed_files_are_shipped_and_read_back_from_the_store(tmp_path):
+    store, spool = tmp_path / "store", tmp_path / "pod"
+    cfg = config(max_bytes=600, backups=10, mask_numbers=False, upload_uri=str(store), upload_interval_s=3600)
+    champion = InputLog.open(cfg, spool, variant="champion", model_version="3")
+    challenger = InputLog.open(cfg, spool, variant="challenger", model_version="4")
+    for i in range(60):
+        (challenger if i % 3 == 0 else champion).record({"inputs": [f"text {i}"]})
+    # Full files are closed and shipped at once, not rotated; the open one waits for the interval or the close.
+    assert not list(spool.glob("*.jsonl.1"))
+    assert read_inputs(spool, limit=1000)[-3:] == ["text 57", "text 58", "text 59"]
+    deadline = time.monotonic() + 10
+    while champion.shipped < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert champion.shipped >= 3 and (spool / "inputs-champion-v3.jsonl").exists()
+    champion.close()
+    challenger.close()
+    shipped = sorted(p.name for p in store.iterdir())
+    assert champion.shipped + challenger.shipped == len(shipped) >= 4
+    assert all(re.fullmatch(r"inputs-(champion-v3|challenger-v4)-\d{8}T\d{12}Z-.+\.jsonl", n) for n in shipped)
+    assert not list((spool / "outbox").iterdir()) and not (spool / "inputs-champion-v3.jsonl").exists()
+    # Read as drift check reads an upload URI: through MLflow's artifact repository, newest files first.
+    assert read_inputs(f"file://{store}", limit=1000) == [f"text {i}" for i in range(60)]
+    assert read_inputs(f"file://{store}", limit=7) == [f"text {i}" for i in range(53, 60)]
+
+
+def test_a_store_that_fails_keeps_the_newest_files_and_ships_them_once_it_is_back(tmp_path, monkeypatch):
+    import canaryflow.serving.inputlog as inputlog
+
+    store = tmp_path / "store"
+    real = inputlog._repository
+    down = {"yes": True}
+
+    def repository(uri):
+        if down["yes"]:
+            raise ConnectionError("store unreachable")
+        return real(uri)
+
+    monkeypatch.setattr(inputlog, "_repository", repository)
+    cfg = config(max_bytes=300, backups=2, mask_numbers=False, upload_uri=str(store), upload_interval_s=0.05)
+    log = InputLog.open(cfg, tmp_path / "pod", variant="champion", model_version="3")
+    for i in range(40):
+        log.record({"inputs": [f"text {i}"]})
+    time.sleep(0.3)  # several shipping passes fail
+    outbox = sorted((tmp_path / "pod" / "outbox").iterdir())
+    assert len(outbox) == 2 and log.shipped == 0  # bounded by backups, the oldest dropped
+    kept = read_inputs(tmp_path / "pod", limit=1000)
+    assert kept and kept == [f"text {i}" for i in range(40 - len(kept), 40)]
+    down["yes"] = False
+    deadline = time.monotonic() + 10
+    while log.shipped < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.close()
+    assert read_inputs(str(store), limit=1000) == kept
+
+
+def test_an_unreadable_store_is_one_clear_error(tmp_path):
+    from canaryflow.errors import CanaryflowError
+
+    with pytest.raises(CanaryflowError, match=r"cannot read the input log at mlflow-artifacts:/nowhere: "):
+        read_inputs("mlflow-artifacts:/nowhere", limit=10)

@@ -23,16 +23,19 @@ from canaryflow.errors import BadInputError, CanaryflowError
 DRIFTED, WITHIN, TOO_FEW = "drifted", "within_threshold", "too_few_inputs"
 
 
-def check(cfg: Config, log_dir: Path, reference: Callable[[], tuple[str, dict] | None] | None = None) -> dict:
-    """Compare the last `drift.window` logged inputs with the champion's training data.
+def check(
+    cfg: Config, log_dir: Path | str, reference: Callable[[], tuple[str, dict] | None] | None = None
+) -> dict:
+    """Compare the last `drift.window` logged inputs with the champion's training data. `log_dir` is the log's
+    directory, or the URI its servers ship it to (serving.input_log.upload_uri).
 
     `reference` gives (champion version, data card); by default the registry's champion. The verdict is
     `drifted` once either distance is over `drift.threshold`, and `too_few_inputs` below `drift.min_inputs`
     (nothing is triggered on too little evidence).
     """
-    from canaryflow.serving.inputlog import read_inputs
+    from canaryflow.serving.inputlog import is_uri, read_inputs
 
-    if not log_dir.is_dir():
+    if not is_uri(log_dir) and not Path(log_dir).is_dir():
         raise BadInputError(
             f"no input log at {log_dir}: serve the model with an input log first (serving.input_log), or give --log"
         )
@@ -159,7 +162,7 @@ class WatchState:
 
 def step(
     cfg: Config,
-    log_dir: Path,
+    log_dir: Path | str,
     state: WatchState,
     trigger: Callable[[dict], dict] | None,
     clock: Callable[[], float] = time.time,
@@ -201,7 +204,7 @@ def step(
 
 def watch(
     cfg: Config,
-    log_dir: Path,
+    log_dir: Path | str,
     state: WatchState,
     trigger: Callable[[dict], dict] | None,
     *,

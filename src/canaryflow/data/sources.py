@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from canaryflow.config import Config
-from canaryflow.errors import BadInputError
+from canaryflow.errors import BadInputError, first_line
 
 TEXT = pa.large_string()
 SCHEMA = pa.schema([("input", TEXT), ("target", TEXT), ("not_text", pa.bool_())])
@@ -87,11 +87,6 @@ def require_utf8(path: Path, split: str) -> None:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise BadInputError(f"data.{split}: {path.name} ends inside a UTF-8 character") from None
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _require_columns(names: Iterable[str], split: str, cfg: Config) -> None:

@@ -5,6 +5,12 @@ Each server process appends JSON lines to `<dir>/inputs-<variant>-v<model_versio
 `max_bytes` into `.1`, `.2`, ... like logging.handlers.RotatingFileHandler. `read_inputs` merges the most
 recent inputs of every server's files in a directory, which is what `canaryflow drift check` compares with the
 champion's training data.
+
+A pod's disk dies with the pod, so with `upload_uri` a server ships its log instead of keeping it: a file is
+closed when it is full, every `upload_interval_s` and at shutdown, moved to `<dir>/outbox/` under a name of its
+own (`inputs-<variant>-v<version>-<closed at>-<host>.jsonl`), and uploaded through MLflow's artifact
+repositories (the tracking server's proxied `mlflow-artifacts:`, s3://, gs://, a directory ...). `read_inputs`
+reads such a location too, downloading the most recently closed files until it has enough inputs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 import random
 import re
 import secrets
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -26,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from canaryflow.data.card import mask_text
-from canaryflow.errors import BadInputError, CanaryflowError
+from canaryflow.errors import BadInputError, CanaryflowError, first_line
 
 if TYPE_CHECKING:
     from canaryflow.config import InputLogConfig
@@ -37,6 +45,8 @@ HASH_PREFIX = "sha256:"
 # Written by the log itself; a request field of the same name must not pass for them.
 OWN_KEYS = ("ts", "variant", "model_version", "inputs")
 _FILE = re.compile(r"^(inputs-.+\.jsonl)(?:\.(\d+))?$")
+OUTBOX = "outbox"
+_CLOSED_AT = re.compile(r"-(\d{8}T\d{12}Z)-[^/]*\.jsonl$")  # in a shipped file's name: when it was closed
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +150,12 @@ def _read_salt(path: Path) -> str:
 
 
 class _RotatingFile:
-    """Append-only file rotated into .1 ... .N once the next line would pass max_bytes. Not locked: the
-    caller serializes writes. Raises OSError; after one, the file is reopened on the next write."""
+    """Append-only file rotated into .1 ... .N once the next line would pass max_bytes, or handed to `seal`
+    (which moves it away) when one is given. Not locked: the caller serializes writes. Raises OSError; after
+    one, the file is reopened on the next write."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+    def __init__(self, path: Path, max_bytes: int, backups: int, seal=None) -> None:
+        self.path, self.max_bytes, self.backups, self.seal = path, max_bytes, backups, seal
         self._fd: int | None = None
         self._size = 0
 
@@ -169,8 +180,18 @@ class _RotatingFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size
 
+    def cut(self) -> None:
+        """Seal the file now if it holds anything, so that the next line starts a new one."""
+        self.close()
+        if self.path.is_file() and self.path.stat().st_size:
+            self.seal(self.path)
+
     def _rotate(self) -> None:
         self.close()
+        if self.seal is not None:
+            self.seal(self.path)
+            self._open()
+            return
         if self.backups:
             for n in range(self.backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{n}")
@@ -200,7 +221,9 @@ def _safe_name(part: str) -> str:
 
 class InputLog:
     """Sampled, filtered input log of one server process. `record` is thread-safe and never raises; `written`
-    and `failed` count lines written and lines lost to an error (a full disk must not fail a prediction)."""
+    and `failed` count lines written and lines lost to an error (a full disk must not fail a prediction).
+    With `upload_uri`, closed files are shipped there by a thread of the log's own (`shipped` counts them);
+    a failed upload keeps its file for the next try, at most `backups` of them."""
 
     def __init__(
         self,
@@ -212,6 +235,8 @@ class InputLog:
         max_bytes: int = 10 << 20,
         backups: int = 5,
         seed: int | None = 0,
+        upload_uri: str | None = None,
+        upload_interval_s: float = 300.0,
     ) -> None:
         self.directory = Path(directory)
         self.variant, self.model_version = str(variant), str(model_version)
@@ -220,10 +245,23 @@ class InputLog:
         self.path = self.directory / f"inputs-{_safe_name(self.variant)}-v{_safe_name(self.model_version)}.jsonl"
         self.written = 0
         self.failed = 0
+        self.shipped = 0
         self._random = random.Random(seed)
-        self._file = _RotatingFile(self.path, max_bytes, backups)
         self._lock = threading.Lock()
         self._closed = False
+        self.upload_uri, self._backups = upload_uri, backups
+        self._file = _RotatingFile(self.path, max_bytes, backups, self._seal if upload_uri else None)
+        if upload_uri:
+            self._outbox = self.directory / OUTBOX
+            self._outbox.mkdir(exist_ok=True)
+            self._host = _safe_name(socket.gethostname())
+            self._shipping = threading.Lock()  # one upload pass at a time: the thread's, or close()'s last one
+            self._stop = threading.Event()
+            self._wake = threading.Event()  # a file was sealed, or the log is closing: ship now
+            self._shipper = threading.Thread(
+                target=self._ship_every, args=(upload_interval_s,), name="input-log-shipper", daemon=True
+            )
+            self._shipper.start()
 
     @classmethod
     def open(
@@ -245,18 +283,20 @@ class InputLog:
             Path(directory).mkdir(parents=True, exist_ok=True)
             # Only a log that hashes needs a salt: no secret is written beside a log that has no use for it.
             salt = load_salt(directory) if set(cfg.hash_fields) - set(cfg.drop_fields) else b""
+            return cls(
+                directory,
+                variant,
+                model_version,
+                PrivacyFilter.from_config(cfg, salt),
+                sample_rate=cfg.sample_rate,
+                max_bytes=cfg.max_bytes,
+                backups=cfg.backups,
+                seed=seed,
+                upload_uri=cfg.upload_uri,
+                upload_interval_s=cfg.upload_interval_s,
+            )
         except OSError as err:
             raise CanaryflowError(f"input log directory {directory}: {err}") from err
-        return cls(
-            directory,
-            variant,
-            model_version,
-            PrivacyFilter.from_config(cfg, salt),
-            sample_rate=cfg.sample_rate,
-            max_bytes=cfg.max_bytes,
-            backups=cfg.backups,
-            seed=seed,
-        )
 
     def record(self, body: dict[str, Any]) -> bool:
         """Log one request's body if it is sampled; True when a line was written."""
@@ -299,14 +339,75 @@ class InputLog:
         if self.failed % 1000 == 1:
             log.warning("input log: a sampled request %s (%d lost so far)", what, self.failed, exc_info=True)
 
-    def close(self) -> None:
-        """Stop logging; later `record` calls are ignored. Safe to call twice."""
+    def _seal(self, path: Path) -> None:
+        """Move a full or timed-out file into the outbox under a name no other file, server or pod takes; keep
+        at most `backups` there, so that an upload failing for days cannot fill the disk."""
+        closed_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        os.replace(path, self._outbox / f"{path.stem}-{closed_at}-{self._host}.jsonl")
+        self._wake.set()
+        waiting = self._waiting()
+        for dropped in waiting[: max(0, len(waiting) - max(self._backups, 1))]:
+            dropped.unlink(missing_ok=True)
+            log.warning("input log: %s dropped unshipped: the outbox holds %d files", dropped.name, self._backups)
+
+    def _waiting(self) -> list[Path]:
+        """This server's files in the outbox, oldest first."""
+        return sorted(self._outbox.glob(f"{glob.escape(self.path.stem)}-*.jsonl"), key=_closed_at)
+
+    def _ship_every(self, interval_s: float) -> None:
+        """Ship each file as it is sealed, and seal the open one every `interval_s` (a quiet server's inputs
+        must not wait for a full file)."""
+        due = time.monotonic() + interval_s
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if time.monotonic() >= due:
+                self._cut()
+                due = time.monotonic() + interval_s
+            self._ship()
+
+    def _cut(self) -> None:
         with self._lock:
+            try:
+                self._file.cut()
+            except OSError:
+                self._count_failure(f"could not be closed for upload at {self.path}")
+
+    def _ship(self) -> None:
+        with self._shipping:
+            for path in self._waiting():
+                try:
+                    _repository(self.upload_uri).log_artifact(str(path))
+                except Exception as exc:  # kept for the next pass: the store may be back by then
+                    log.warning(
+                        "input log: cannot upload %s to %s (kept for the next try): %s",
+                        path.name, self.upload_uri, first_line(exc),
+                    )  # fmt: skip
+                    return
+                path.unlink(missing_ok=True)
+                self.shipped += 1
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop logging; later `record` calls are ignored. With an upload URI, what is left is shipped, waiting
+        at most `timeout` seconds for the store. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             try:
                 self._file.close()
             except OSError:
                 pass
+        if self.upload_uri:
+            self._stop.set()
+            self._wake.set()
+            self._shipper.join(timeout)
+            self._cut()
+            last = threading.Thread(target=self._ship, name="input-log-last-upload", daemon=True)
+            last.start()
+            last.join(timeout)
 
     def __enter__(self) -> InputLog:
         return self
@@ -315,10 +416,28 @@ class InputLog:
         self.close()
 
 
+def _closed_at(path: Path) -> str:
+    match = _CLOSED_AT.search(path.name)
+    return match.group(1) if match else ""
+
+
+def _repository(uri: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(uri)
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for a location `read_inputs` reaches through MLflow's artifact repositories, not as a directory."""
+    return "://" in str(location) or str(location).startswith("mlflow-artifacts:")
+
+
 def _log_files(directory: Path) -> dict[str, list[Path]]:
-    """Each server's files, newest first (the live file, then .1, .2 ...)."""
+    """Each server's files, newest first (the live file, then .1, .2 ...); a file of the outbox, not shipped
+    yet, counts as a server's of its own, like the files it would have been shipped with."""
     groups: dict[str, list[tuple[int, Path]]] = {}
-    for path in directory.iterdir():
+    outbox = directory / OUTBOX
+    for path in [*directory.iterdir(), *(outbox.iterdir() if outbox.is_dir() else ())]:
         match = _FILE.match(path.name)
         if match and path.is_file():
             groups.setdefault(match.group(1), []).append((int(match.group(2) or 0), path))
@@ -348,7 +467,12 @@ def _entries(path: Path) -> list[tuple[datetime, str]]:
 
 def read_inputs(directory: str | os.PathLike[str], limit: int = 500) -> list[str]:
     """The most recent `limit` logged inputs of every server's files in `directory` (rotated ones too), oldest
-    first; [] when there is no such directory."""
+    first; [] when there is no such directory. `directory` may be an upload URI (`is_uri`): its most recently
+    closed files are downloaded first. Raises CanaryflowError when that store cannot be read."""
+    if is_uri(directory):
+        with tempfile.TemporaryDirectory(prefix="canaryflow-input-log-") as tmp:
+            _download_recent(str(directory), Path(tmp), limit)
+            return read_inputs(tmp, limit)
     directory = Path(directory)
     if limit <= 0 or not directory.is_dir():
         return []
@@ -364,3 +488,22 @@ def read_inputs(directory: str | os.PathLike[str], limit: int = 500) -> list[str
     # Stable: inputs of one line, or lines of one server within a clock tick, keep their order.
     merged.sort(key=lambda entry: entry[0])
     return [text for _, text in merged[-limit:]]
+
+
+def _download_recent(uri: str, into: Path, limit: int) -> None:
+    """The shipped files of `uri`, most recently closed first, until they hold `limit` inputs."""
+    try:
+        repository = _repository(uri)
+        shipped = [info.path for info in repository.list_artifacts() if not info.is_dir]
+        shipped = sorted((p for p in shipped if _FILE.match(Path(p).name)), key=lambda p: _closed_at(Path(p)))
+        held = 0
+        for path in reversed(shipped):
+            held += len(_entries(Path(repository.download_artifacts(path, str(into)))))
+            if held >= limit:
+                break
+    except CanaryflowError:
+        raise
+    except Exception as exc:
+        raise CanaryflowError(
+            f"cannot read the input log at {uri}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from exc
