@@ -5,10 +5,12 @@ model, same machine, in one invocation.
 The baseline is that server's own source, taken from git at BASELINE_COMMIT and run as it ran then, so nothing
 is re-implemented for the comparison. Both serve a tiny T5 trained briefly, one torch thread, each in its own
 process; a load generator in another process sends one test input per request over keep-alive connections at
-concurrency 1, 4 and 16. Sides take turns, `--rounds` times; latency percentiles pool every round, throughput
-is the median round (benchmarks/router.py's load generator and turns).
+concurrency 1, 4 and 16. The sides take turns in short slices (4 requests per connection, the first side
+alternating), because this machine's speed wanders by 20 % over tens of seconds: long turns measured that
+wander, not the servers. Latency percentiles pool every slice; throughput is a side's requests over the time
+its slices took.
 
-Usage: .venv/bin/python benchmarks/serving.py [--requests N] [--rounds N] [--steps N]
+Usage: .venv/bin/python benchmarks/serving.py [--requests N] [--steps N]
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from datetime import date
 from pathlib import Path
 
 from evaluation import _train
-from report import machine, write_section
-from router import _measure
+from report import machine, run_child, write_section
+from router import _percentile
 
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,43 @@ REPO = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "811f0baad43082cad35466228eba00431285a8c4"
 BASELINE_PATH = "src/canaryflow/serving/server.py"
 CONCURRENCY = (1, 4, 16)
+PER_CONNECTION = 4  # requests per connection in one slice of a side's turn
+
+_LOAD = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from canaryflow.serving.http import ConnectionPool
+
+urls, bodies_file, concurrency, per_side = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+bodies = [b.encode() for b in json.loads(open(bodies_file).read())]
+pools = {name: ConnectionPool(url, timeout=60, max_idle=concurrency) for name, url in urls.items()}
+
+def send(pool, body):
+    started = time.perf_counter()
+    try:
+        status = pool.request("POST", "/predict", body)[0]
+    except OSError:  # a connection the server reset is that request's failure, counted, not the run's end
+        status = 0
+    return status, (time.perf_counter() - started) * 1000
+
+stats = {name: {"latencies_ms": [], "errors": 0, "seconds": 0.0, "sent": 0} for name in urls}
+with ThreadPoolExecutor(concurrency) as workers:
+    for pool in pools.values():  # open the connections and warm the path up, untimed
+        list(workers.map(lambda body: send(pool, body), bodies[: max(32, concurrency * 4)]))
+    size, turn = concurrency * __PER_CONNECTION__, 0
+    while min(side["sent"] for side in stats.values()) < per_side:
+        names = list(urls)[turn % 2 :] + list(urls)[: turn % 2]
+        for name in names:
+            chunk = [bodies[(stats[name]["sent"] + i) % len(bodies)] for i in range(size)]
+            started = time.perf_counter()
+            results = list(workers.map(lambda body: send(pools[name], body), chunk))
+            stats[name]["seconds"] += time.perf_counter() - started
+            stats[name]["sent"] += size
+            stats[name]["latencies_ms"] += [ms for _, ms in results]
+            stats[name]["errors"] += sum(status != 200 for status, _ in results)
+        turn += 1
+print(json.dumps(stats))
+""".replace("__PER_CONNECTION__", str(PER_CONNECTION))
 
 
 def _start(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, str]:
@@ -45,11 +84,11 @@ def _start(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
+    from canaryflow.config import BatchConfig
     from canaryflow.data.prepare import read_pairs
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=160, help="per side, concurrency and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=480, help="per side and concurrency")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the tiny model")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -71,9 +110,19 @@ def main() -> None:
             "baseline": _start([str(root / "baseline_server.py"), *common], root / "baseline.port"),
         }
         try:
+            urls = json.dumps({name: url for name, (_, url) in servers.items()})
             for concurrency in CONCURRENCY:
-                targets = {name: url for name, (_, url) in servers.items()}
-                results[concurrency] = _measure(targets, root / "bodies.json", concurrency, args.rounds)
+                stats = run_child(f"load at {concurrency}", _LOAD, urls, str(root / "bodies.json"), str(concurrency),
+                                  str(args.requests))  # fmt: skip
+                results[concurrency] = {
+                    name: {
+                        "p50_ms": _percentile(side["latencies_ms"], 0.5),
+                        "p99_ms": _percentile(side["latencies_ms"], 0.99),
+                        "rps": side["sent"] / side["seconds"],
+                        "errors": side["errors"],
+                    }
+                    for name, side in stats.items()
+                }
         finally:
             for process, _ in servers.values():
                 process.terminate()
@@ -87,15 +136,16 @@ def main() -> None:
             f"| {old['p50_ms']:.1f} | {new['p50_ms']:.1f} | {new['p50_ms'] / old['p50_ms']:.2f}x "
             f"| {old['p99_ms']:.1f} | {new['p99_ms']:.1f} | {new['p99_ms'] / old['p99_ms']:.2f}x |"
         )
-    top, one = results[CONCURRENCY[-1]], results[1]
+    top, one, batch = results[CONCURRENCY[-1]], results[1], BatchConfig()
     lines = [
         f"## Model server under concurrent load — measured {date.today().isoformat()}",
         "",
         f"Machine: {machine()}. Tiny T5 trained {args.steps} steps, 1 torch thread, one test input per request, "
-        f"{args.requests} requests per side, concurrency and round, {args.rounds} rounds in turns; keep-alive "
-        f"connections from a load generator in its own process. Baseline: the server at {commit} "
+        f"at least {args.requests} requests per side and concurrency, the sides taking turns in slices of "
+        f"{PER_CONNECTION} requests per connection; keep-alive connections from a load generator in its own "
+        f"process. Baseline: the server at {commit} "
         "(ThreadingHTTPServer, one generation at a time under a lock); today: the ASGI server with dynamic "
-        "batching at its defaults (serving.batch.max_size 16, max_latency_ms 5).",
+        f"batching at its defaults (serving.batch.max_size {batch.max_size}, max_latency_ms {batch.max_latency_ms:g}).",
         "",
         "| concurrency | baseline req/s | today req/s | throughput ratio | baseline p50 ms | today p50 ms "
         "| p50 ratio | baseline p99 ms | today p99 ms | p99 ratio |",

