@@ -12,6 +12,10 @@ bad one (error rate 1 % -> 5 %, latency +30 %, quality -10 %).
   counts, and `threshold` (5) failed checks roll back. The latency limit is set 20 % above the healthy
   p99, a tuned limit (Flagger's own example uses 500 ms, which this latency never reaches).
 
+A second table has errors alone (1 % -> 5 %, 3 % and 2 %, latency and quality unchanged): the scenarios the
+rollback's event test (rollout/analysis.py, EventTest) must catch by itself, with Wald's SPRT that knows both
+rates as the reference for 1 % -> 5 %.
+
 Requests to a decision depend on the traffic rate for the fixed check (its clock is the interval), so the
 table shows three rates. Run: `.venv/bin/python benchmarks/canary.py [--runs N]`.
 """
@@ -36,6 +40,11 @@ from canaryflow.rollout.simulate import SimulatedTraffic, Variant  # noqa: E402
 
 HEALTHY = Variant()
 BAD = HEALTHY.degraded(errors=0.05, latency=1.3, quality=0.9)
+ERRORS_ONLY = {  # errors alone, latency and quality unchanged: what the rollback's event test must catch alone
+    "1 % -> 5 % errors": HEALTHY.degraded(errors=0.05, latency=1.0, quality=1.0),
+    "1 % -> 3 % errors": HEALTHY.degraded(errors=0.03, latency=1.0, quality=1.0),
+    "1 % -> 2 % errors": HEALTHY.degraded(errors=0.02, latency=1.0, quality=1.0),
+}
 RATES = (10, 20, 50)  # requests per second
 
 
@@ -70,6 +79,54 @@ def sequential(challenger: Variant, seed: int) -> tuple[str, int]:
     return outcome["verdict"], outcome["requests_to_decision"]
 
 
+def challenger_requests(challenger: Variant, seed: int) -> tuple[str, int, int]:
+    """(verdict, challenger requests, all requests) of one canaryflow canary."""
+    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed), True)
+    return outcome["verdict"], sum(s["challenger"]["requests"] for s in outcome["steps"]), outcome["requests"]
+
+
+def known_rates_sprt(challenger: Variant, seed: int, weight: float = 0.10, alpha: float = 0.05 / 3) -> int:
+    """The reference: Wald's one-sided SPRT on the same events that knows both rates (the champion's and the
+    bad challenger's), at the first step's weight and the error SLI's alpha; challenger requests to roll back."""
+    rng = np.random.default_rng(seed)
+    null = weight
+    bad = weight * challenger.error_rate / (weight * challenger.error_rate + (1 - weight) * HEALTHY.error_rate)
+    llr, served = 0.0, 0
+    while llr < math.log(1 / alpha):
+        mine = rng.binomial(20, weight)
+        served += mine
+        ours, theirs = rng.binomial(mine, challenger.error_rate), rng.binomial(20 - mine, HEALTHY.error_rate)
+        llr += ours * math.log(bad / null) + theirs * math.log((1 - bad) / (1 - null))
+    return served
+
+
+def _spread(values: list[int]) -> str:
+    return f"{np.median(values):,.0f} / {np.percentile(values, 95):,.0f}" if values else "-"
+
+
+def errors_only(runs: int) -> list[str]:
+    lines = [
+        "",
+        "Errors alone (latency and quality unchanged), default policy. Challenger requests to a rollback, median / "
+        "p95; the reference is Wald's SPRT that knows both error rates, at the first step's 10 %.",
+        "",
+        "| scenario | check | rolled back | promoted | challenger requests to roll back | all requests to roll back |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, challenger in ERRORS_ONLY.items():
+        outcomes = [challenger_requests(challenger, seed) for seed in range(runs)]
+        back = [(mine, total) for verdict, mine, total in outcomes if verdict == "rolled_back"]
+        promoted = sum(verdict == "promoted" for verdict, _, _ in outcomes)
+        lines.append(
+            f"| {name} | sequential (canaryflow) | {len(back)} of {runs} | {promoted} of {runs} "
+            f"| {_spread([m for m, _ in back])} | {_spread([t for _, t in back])} |"
+        )
+        if challenger is ERRORS_ONLY["1 % -> 5 % errors"]:
+            reference = [known_rates_sprt(challenger, seed) for seed in range(runs)]
+            lines.append(f"| {name} | SPRT with known rates | {runs} of {runs} | - | {_spread(reference)} | - |")
+    return lines
+
+
 def summarize(outcomes: list[tuple[str, int]], wanted: str) -> tuple[float, float]:
     """The share of runs reaching `wanted`, and the median requests they took."""
     hits = [n for verdict, n in outcomes if verdict == wanted]
@@ -81,6 +138,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="simulated canaries per side and scenario")
     args = parser.parse_args()
     started = time.perf_counter()
+    alone = errors_only(args.runs)
     seq_bad = [sequential(BAD, seed) for seed in range(args.runs)]
     seq_good = [sequential(HEALTHY, 10_000 + seed) for seed in range(args.runs)]
     caught, seq_bad_requests = summarize(seq_bad, "rolled_back")
@@ -109,6 +167,7 @@ def main() -> None:
             f"| {rate} req/s | fixed (interval 60 s, threshold 5, step 10 %, max 50 %) | {fixed_caught:.1%} "
             f"| {fixed_bad_requests:,.0f} | {ratios[-1]:.2f} | {fixed_false:.1%} | {fixed_good_requests:,.0f} |"
         )
+    lines += alone
     lines += [
         "",
         f"The sequential test rolls a bad canary back after {min(ratios):.1f}x to {max(ratios):.1f}x fewer requests "

@@ -376,11 +376,13 @@ class CanaryConfig(_Section):
         0.05, gt=0, lt=0.5, description="Bound on the chance of rolling back a healthy challenger, over all looks."
     )
     error_tolerance: float = Field(
-        0.0, ge=0, le=1, description="Roll back once the error rate is surely worse by more."
-    )
+        1.0, ge=1, description="Roll back once the challenger's error rate is surely more than this many times the "
+        "champion's (a ratio: 1.0, any worse)."
+    )  # fmt: skip
     slow_tolerance: float = Field(
-        0.0, ge=0, le=1, description="Roll back once the share slower than the champion's p95 is surely worse by more."
-    )
+        1.0, ge=1, description="Roll back once the challenger's share of requests slower than the champion's p95 is "
+        "surely more than this many times the champion's (a ratio)."
+    )  # fmt: skip
     quality_tolerance: float = Field(
         0.02, ge=0, le=1, description="Roll back once online chrF (as a 0-1 share) is surely worse by more."
     )
@@ -415,9 +417,8 @@ class CanaryConfig(_Section):
 
     @model_validator(mode="after")
     def _margins_above_tolerances(self) -> CanaryConfig:
-        for sli in ("error", "slow", "quality"):
-            if getattr(self, f"{sli}_margin") <= getattr(self, f"{sli}_tolerance"):
-                raise ValueError(f"canary.{sli}_margin must exceed canary.{sli}_tolerance")
+        if self.quality_margin <= self.quality_tolerance:
+            raise ValueError("canary.quality_margin must exceed canary.quality_tolerance")
         if self.backend == "kserve" and self.shadow_requests:
             raise ValueError("canary.shadow_requests needs the local backend: KServe's canary does not mirror")
         if 0 < self.shadow_requests < self.min_requests_per_step:

@@ -11,6 +11,7 @@ from canaryflow.rollout.analysis import (
     ROLLBACK,
     Bound,
     ConfidenceSequence,
+    EventTest,
     Evidence,
     Observation,
     confidence_sequence,
@@ -136,6 +137,70 @@ def test_paired_and_smoke_bounds():
     found = {b.sli: b for b in analysis.bounds(smoke, POLICY, "smoke")}
     assert found["slow"].harmful and found["slow"].against == "the limit"
     assert found["error"].safe and found["quality"].safe
+
+
+def _event_canaries(rng, runs, rate, ratio=1.0, weights=(10, 25, 50), per_step=3000, batch=20, routed=True):
+    """Simulated canaries fed to EventTest at alpha 0.05 only (no promotion ends them early): each step
+    sends `per_step` requests in batches, each routed to the challenger with its weight; the champion's event
+    rate is `rate`, the challenger's `ratio` times it. Returns the share of canaries rejected."""
+    rejected = 0
+    for _ in range(runs):
+        test = EventTest(0.05)
+        for weight in weights:
+            for _ in range(per_step // batch):
+                challenger = rng.binomial(batch, weight / 100)
+                events = rng.binomial(challenger, rate * ratio), rng.binomial(batch - challenger, rate)
+                share = weight / 100 if routed else (challenger / batch)
+                test.add(*events, share, (challenger, batch - challenger))
+                if test.rejected:
+                    break
+            if test.rejected:
+                break
+        rejected += test.rejected
+    return rejected / runs
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01])
+@pytest.mark.parametrize("routed", [True, False], ids=["router-weights", "realized-shares"])
+def test_the_event_tests_false_rollbacks_stay_within_alpha_at_rare_error_rates(rate, routed):
+    """1,000 simulated healthy canaries, each looked at after every 20 of its 9,000 requests over steps of 10,
+    25 and 50 %: the share the rollback test rejects stays within alpha (0.05), with the router's weights and
+    with each look's realized shares (the KServe form).
+
+    Power of this check: with 1,000 canaries the observed rate's standard error is at most 0.7 points, so a
+    test whose real false-rollback rate were 0.08 would pass here with probability about 0.0002 (z = -3.5);
+    the test's real rate is far below alpha (Ville's inequality is a bound over an infinite horizon), so a
+    pass is not luck at the boundary. The last assertion shows the check can fail: told the wrong weight
+    (the events compared against an even split, while the challenger served only 10 % of requests), the
+    same test rolls back most healthy canaries."""
+    rng = np.random.default_rng(2024 + int(rate * 1e4) + routed)
+    assert _event_canaries(rng, 1000, rate, routed=routed) <= 0.05
+    if rate == 0.01 and routed:
+        wrong = 0
+        for _ in range(200):
+            test = EventTest(0.05)
+            for _ in range(150):
+                challenger = rng.binomial(20, 0.1)
+                test.add(rng.binomial(challenger, rate), rng.binomial(20 - challenger, rate), 0.5)
+            wrong += test.rejected
+        assert wrong == 0  # at an even split the challenger's few events look like a better rate, not worse
+        assert _event_canaries(rng, 200, rate, ratio=1.0, weights=(90,)) <= 0.05
+
+
+def test_the_event_test_catches_a_five_fold_error_rate_in_a_few_hundred_challenger_requests():
+    rng = np.random.default_rng(7)
+    assert _event_canaries(rng, 200, 0.01, ratio=5.0, weights=(10,), per_step=6000) >= 0.99  # 600 challenger requests
+    # Twice the champion's 1 %: most canaries, within 9,000 requests.
+    assert _event_canaries(rng, 200, 0.01, ratio=2.0, weights=(10, 25, 50), per_step=3000) >= 0.6
+    # A tolerance as a ratio: 1.5x tolerated, a 1.5x challenger is not rolled back more often than alpha.
+    tolerant = []
+    for _ in range(300):
+        test = EventTest(0.05, ratio=1.5)
+        for _ in range(450):
+            challenger = rng.binomial(20, 0.25)
+            test.add(rng.binomial(challenger, 0.015), rng.binomial(20 - challenger, 0.01), 0.25)
+        tolerant.append(test.rejected)
+    assert np.mean(tolerant) <= 0.05
 
 
 HEALTHY = Variant()

@@ -89,11 +89,16 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
                 step_requests += len(pairs)
             else:
                 batch = traffic.send(policy.batch_requests)
+                losses = {}
                 for variant in (CHAMPION, CHALLENGER):
-                    mine = [o for o in batch if o.variant == variant]
-                    for sli, values in analysis.request_losses(mine, reference).items():
+                    losses[variant] = analysis.request_losses([o for o in batch if o.variant == variant], reference)
+                    for sli, values in losses[variant].items():
                         evidence.add(variant, sli, values)
-                step_requests += sum(o.variant == CHALLENGER for o in batch)
+                served = sum(o.variant == CHALLENGER for o in batch)
+                if has_champion:  # the router's weight for these requests, or on KServe the share they got
+                    realized = getattr(traffic, "realized_shares", False)
+                    evidence.add_events(losses, (served / len(batch) if batch else 0.0) if realized else weight / 100)
+                step_requests += served
             sent += len(pairs) if mirrored else len(batch)
             for o in batch:
                 if o.variant == CHAMPION and o.ok:
@@ -239,7 +244,10 @@ class KServeTraffic:
     """Traffic for the KServe backend: live requests, read from Prometheus at every look as what each
     variant's counters gained since the look before (the backend reads increases since the canary began, and
     this keeps the largest value seen of each, so a count never goes back). "Slow" is one threshold for the
-    whole canary, `threshold_ms`, so that counts read at different looks add up."""
+    whole canary, `threshold_ms`, so that counts read at different looks add up. Knative splits traffic by
+    its own means, so the event tests take each look's realized share of requests (the count form)."""
+
+    realized_shares = True
 
     def __init__(self, backend, policy: CanaryConfig, threshold_ms: float, sleep=time.sleep):
         from canaryflow.rollout.kserve import VariantCounts
