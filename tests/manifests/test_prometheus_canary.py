@@ -223,9 +223,10 @@ def test_the_kserve_backend_reaches_the_local_verdict_through_promql(verdicts, f
     if expected == "rolled_back":
         # Rolled back for the reason the fault gives, read from the servers' own metrics.
         assert ("error rate" if fault.startswith("errors") else "slow share") in kserve["reason"], kserve["reason"]
-    # Counted from Prometheus, every look: the challenger's requests were seen, not assumed.
+    # Counted from Prometheus, every look: the challenger's requests were seen, not assumed. A rollback on events
+    # may come before a step's minimum (a fault's events are evidence on their own), never before any request.
     challenger = sum(step["challenger"]["requests"] for step in kserve["steps"])
-    assert challenger >= cfg_min_requests(), kserve["steps"]
+    assert challenger >= (cfg_min_requests() if expected == "promoted" else 1), kserve["steps"]
     assert kserve["slow_threshold_ms"]["from"] == "baseline"
     assert found["plot"].stat().st_size > 10_000
 
