@@ -473,7 +473,7 @@ class BatchConfig(_Section):
         10.0,
         ge=0,
         description="Longest the first request of a batch waits for others to join it; it waits only for requests "
-        "already on their way in, or as many as the last batch had, so a lone request never waits.",
+        "already on their way in, or for as many as the last batch had, so one request at a time never waits.",
     )
 
 
