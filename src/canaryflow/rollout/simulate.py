@@ -30,8 +30,9 @@ class Variant:
 class SimulatedTraffic:
     """The `Traffic` the controller drives, with each request's outcome drawn from its variant's profile."""
 
-    def __init__(self, champion: Variant, challenger: Variant, seed: int):
+    def __init__(self, champion: Variant, challenger: Variant, seed: int, rate: float = 50.0):
         self.variants = {"champion": champion, "challenger": challenger}
+        self.rate = rate  # requests a second: what the step time limit sees
         self.rng = np.random.default_rng(seed)
         self.weights = {"champion": 100, "challenger": 0}
         self.mirror = False
@@ -56,7 +57,7 @@ class SimulatedTraffic:
     def send(self, count: int) -> list[Observation]:
         share = self.weights["challenger"] / 100
         self.sent += count
-        self.clock += count / 50  # 50 requests a second, for the step time limit
+        self.clock += count / self.rate
         return [
             self._one("challenger" if self.rng.random() < share else "champion", self.rng.standard_normal())
             for _ in range(count)
@@ -64,7 +65,7 @@ class SimulatedTraffic:
 
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
         self.sent += count
-        self.clock += count / 50
+        self.clock += count / self.rate
         # The same input for both: its difficulty is shared, which is what pairing cancels.
         pairs = []
         for _ in range(count):
