@@ -46,33 +46,39 @@ print(serve_in_thread(Echo).server_address[1], flush=True)
 threading.Event().wait()
 """
 
-_LOAD = r"""
+# The start of every load generator (this one and benchmarks/serving.py's): one timed POST to /predict.
+LOAD_PRELUDE = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from canaryflow.serving.http import ConnectionPool
 
-url, bodies_file, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
-bodies = [b.encode() for b in json.loads(open(bodies_file).read())]
-pool = ConnectionPool(url, timeout=60, max_idle=concurrency)
-
-def send(body):
+def send(pool, body):
     started = time.perf_counter()
     try:
         status = pool.request("POST", "/predict", body)[0]
     except OSError:  # a connection the server reset is that request's failure, counted, not the run's end
         status = 0
     return status, (time.perf_counter() - started) * 1000
+"""
+
+_LOAD = (
+    LOAD_PRELUDE
+    + r"""
+url, bodies_file, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bodies = [b.encode() for b in json.loads(open(bodies_file).read())]
+pool = ConnectionPool(url, timeout=60, max_idle=concurrency)
 
 for body in bodies[: concurrency * 2]:  # open the connections and warm the path up, untimed
-    send(body)
+    send(pool, body)
 
 started = time.perf_counter()
 with ThreadPoolExecutor(concurrency) as workers:
-    results = list(workers.map(send, bodies))
+    results = list(workers.map(lambda body: send(pool, body), bodies))
 seconds = time.perf_counter() - started
 print(json.dumps({"latencies_ms": [ms for _, ms in results], "errors": sum(s != 200 for s, _ in results),
                   "rps": len(bodies) / seconds}))
 """
+)
 
 
 def _start_trivial() -> tuple[subprocess.Popen, str]:

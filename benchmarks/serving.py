@@ -26,7 +26,7 @@ from pathlib import Path
 
 from evaluation import _train
 from report import machine, run_child, write_section
-from router import _percentile
+from router import LOAD_PRELUDE, _percentile
 
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 REPO = Path(__file__).resolve().parents[1]
@@ -36,22 +36,12 @@ BASELINE_PATH = "src/canaryflow/serving/server.py"
 CONCURRENCY = (1, 4, 16)
 PER_CONNECTION = 4  # requests per connection in one slice of a side's turn
 
-_LOAD = r"""
-import json, sys, time
-from concurrent.futures import ThreadPoolExecutor
-from canaryflow.serving.http import ConnectionPool
-
+_LOAD = (
+    LOAD_PRELUDE
+    + r"""
 urls, bodies_file, concurrency, per_side = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 bodies = [b.encode() for b in json.loads(open(bodies_file).read())]
 pools = {name: ConnectionPool(url, timeout=60, max_idle=concurrency) for name, url in urls.items()}
-
-def send(pool, body):
-    started = time.perf_counter()
-    try:
-        status = pool.request("POST", "/predict", body)[0]
-    except OSError:  # a connection the server reset is that request's failure, counted, not the run's end
-        status = 0
-    return status, (time.perf_counter() - started) * 1000
 
 stats = {name: {"latencies_ms": [], "errors": 0, "seconds": 0.0, "sent": 0} for name in urls}
 with ThreadPoolExecutor(concurrency) as workers:
@@ -71,6 +61,7 @@ with ThreadPoolExecutor(concurrency) as workers:
         turn += 1
 print(json.dumps(stats))
 """.replace("__PER_CONNECTION__", str(PER_CONNECTION))
+)
 
 
 def _start(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, str]:
