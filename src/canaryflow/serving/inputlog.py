@@ -345,10 +345,10 @@ class InputLog:
         closed_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         os.replace(path, self._outbox / f"{path.stem}-{closed_at}-{self._host}.jsonl")
         self._wake.set()
-        waiting = self._waiting()
-        for dropped in waiting[: max(0, len(waiting) - max(self._backups, 1))]:
+        waiting, keep = self._waiting(), max(self._backups, 1)
+        for dropped in waiting[: max(0, len(waiting) - keep)]:
             dropped.unlink(missing_ok=True)
-            log.warning("input log: %s dropped unshipped: the outbox holds %d files", dropped.name, self._backups)
+            log.warning("input log: %s dropped unshipped: the outbox holds %d files", dropped.name, keep)
 
     def _waiting(self) -> list[Path]:
         """This server's files in the outbox, oldest first."""
