@@ -15,7 +15,8 @@ bad one (error rate 1 % -> 5 %, latency +30 %, quality -10 %).
 A second table has errors alone (1 % -> 5 %, 3 % and 2 %, latency and quality unchanged): the scenarios the
 rollback's event test (rollout/analysis.py, EventTest) must catch by itself, with Wald's SPRT that knows both
 rates as the reference for 1 % -> 5 %. A third has healthy challengers at 1, 5, 10, 20 and 50 requests a
-second, the step time limit included; the fixed check also runs with a 98 % success threshold.
+second, the step time limit included; the fixed check also runs with a 98 % success threshold. A fourth has
+challengers that regress only from 50 % of the traffic on (load): errors 1 % -> 5 %, or latency x1.5.
 
 Requests to a decision depend on the traffic rate for the fixed check (its clock is the interval), so the
 table shows three rates. Run: `.venv/bin/python benchmarks/canary.py [--runs N]`.
@@ -47,6 +48,10 @@ ERRORS_ONLY = {  # errors alone, latency and quality unchanged: what the rollbac
     "1 % -> 2 % errors": HEALTHY.degraded(errors=0.02, latency=1.0, quality=1.0),
 }
 RATES = (10, 20, 50)  # requests per second
+UNDER_LOAD = {  # healthy below 50 % of the traffic, worse from there on
+    "errors 1 % -> 5 % from 50 %": (50, HEALTHY.degraded(errors=0.05, latency=1.0, quality=1.0)),
+    "latency x1.5 from 50 %": (50, HEALTHY.degraded(errors=0.01, latency=1.5, quality=1.0)),
+}
 
 
 def healthy_p99_ms() -> float:
@@ -82,10 +87,18 @@ def sequential(challenger: Variant, seed: int) -> tuple[str, int]:
     return outcome["verdict"], outcome["requests_to_decision"]
 
 
-def challenger_requests(challenger: Variant, seed: int) -> tuple[str, int, int]:
-    """(verdict, challenger requests, all requests) of one canaryflow canary."""
-    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed), True)
-    return outcome["verdict"], sum(s["challenger"]["requests"] for s in outcome["steps"]), outcome["requests"]
+def challenger_requests(challenger: Variant, seed: int, loaded=None) -> tuple[str, int, int, dict]:
+    """(verdict, challenger requests, all requests, the last step) of one canaryflow canary."""
+    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed, loaded=loaded), True)
+    mine = sum(s["challenger"]["requests"] for s in outcome["steps"])
+    return outcome["verdict"], mine, outcome["requests"], outcome["steps"][-1]
+
+
+def _verdicts(outcomes, runs: int) -> str:
+    """The rolled back | promoted | inconclusive cells."""
+    return " | ".join(
+        f"{sum(o[0] == verdict for o in outcomes)} of {runs}" for verdict in ("rolled_back", "promoted", "inconclusive")
+    )
 
 
 def known_rates_sprt(challenger: Variant, seed: int, weight: float = 0.10, alpha: float = 0.05 / 3) -> int:
@@ -113,15 +126,31 @@ def healthy_by_rate(runs: int) -> list[str]:
         "Healthy challengers (no change), default policy, time limits included (`canary.max_step_seconds` 600): "
         "false rollbacks by traffic rate, and requests to promote (median).",
         "",
-        "| traffic | false rollbacks | requests to promote (median) |",
-        "| ---: | ---: | ---: |",
+        "| traffic | false rollbacks | promoted | inconclusive | requests to promote (median / p95) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for rate in HEALTHY_RATES:
         traffic = [SimulatedTraffic(HEALTHY, HEALTHY, 20_000 + seed, rate) for seed in range(runs)]
-        outcomes = [drive(CanaryConfig(), each, True) for each in traffic]
-        back = sum(o["verdict"] == "rolled_back" for o in outcomes)
-        promoted = [o["requests"] for o in outcomes if o["verdict"] == "promoted"]
-        lines.append(f"| {rate} req/s | {back} of {runs} | {f'{np.median(promoted):,.0f}' if promoted else '-'} |")
+        outcomes = [(o["verdict"], o["requests"]) for o in (drive(CanaryConfig(), each, True) for each in traffic)]
+        promoted = [n for verdict, n in outcomes if verdict == "promoted"]
+        lines.append(f"| {rate} req/s | {_verdicts(outcomes, runs)} | {_spread(promoted)} |")
+    return lines
+
+
+def under_load(runs: int) -> list[str]:
+    """Challengers that are healthy at 10 and 25 % and regress from 50 % on."""
+    lines = [
+        "",
+        "Regressions that show only from 50 % of the traffic on (load), default policy: where each canary ends, "
+        "and the challenger requests of the 50 % step before its rollback (median / p95).",
+        "",
+        "| scenario | rolled back | promoted | inconclusive | rolled back at 50 % | challenger requests at 50 % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, loaded in UNDER_LOAD.items():
+        outcomes = [challenger_requests(HEALTHY, seed, loaded) for seed in range(runs)]
+        at_50 = [o[3]["challenger"]["requests"] for o in outcomes if o[0] == "rolled_back" and o[3]["weight"] == 50]
+        lines.append(f"| {name} | {_verdicts(outcomes, runs)} | {len(at_50)} of {runs} | {_spread(at_50)} |")
     return lines
 
 
@@ -135,20 +164,20 @@ def errors_only(runs: int) -> list[str]:
         "Errors alone (latency and quality unchanged), default policy. Challenger requests to a rollback, median / "
         "p95; the reference is Wald's SPRT that knows both error rates, at the first step's 10 %.",
         "",
-        "| scenario | check | rolled back | promoted | challenger requests to roll back | all requests to roll back |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| scenario | check | rolled back | promoted | inconclusive | challenger requests to roll back | "
+        "all requests to roll back |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, challenger in ERRORS_ONLY.items():
         outcomes = [challenger_requests(challenger, seed) for seed in range(runs)]
-        back = [(mine, total) for verdict, mine, total in outcomes if verdict == "rolled_back"]
-        promoted = sum(verdict == "promoted" for verdict, _, _ in outcomes)
+        back = [(mine, total) for verdict, mine, total, _ in outcomes if verdict == "rolled_back"]
         lines.append(
-            f"| {name} | sequential (canaryflow) | {len(back)} of {runs} | {promoted} of {runs} "
+            f"| {name} | sequential (canaryflow) | {_verdicts(outcomes, runs)} "
             f"| {_spread([m for m, _ in back])} | {_spread([t for _, t in back])} |"
         )
         if challenger is ERRORS_ONLY["1 % -> 5 % errors"]:
             reference = [known_rates_sprt(challenger, seed) for seed in range(runs)]
-            lines.append(f"| {name} | SPRT with known rates | {runs} of {runs} | - | {_spread(reference)} | - |")
+            lines.append(f"| {name} | SPRT with known rates | {runs} of {runs} | - | - | {_spread(reference)} | - |")
     return lines
 
 
@@ -163,7 +192,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="simulated canaries per side and scenario")
     args = parser.parse_args()
     started = time.perf_counter()
-    alone = errors_only(args.runs) + healthy_by_rate(args.runs)
+    alone = errors_only(args.runs) + healthy_by_rate(args.runs) + under_load(args.runs)
     seq_bad = [sequential(BAD, seed) for seed in range(args.runs)]
     seq_good = [sequential(HEALTHY, 10_000 + seed) for seed in range(args.runs)]
     caught, seq_bad_requests = summarize(seq_bad, "rolled_back")
@@ -206,8 +235,9 @@ def main() -> None:
         "",
         f"The sequential test rolls a bad canary back after {min(ratios):.1f}x to {max(ratios):.1f}x fewer requests "
         f"than the fixed check at {RATES[0]} to {RATES[-1]} requests a second, and rolls back {false_rollback:.1%} "
-        "of healthy canaries at 50 requests a second; below 20 a second a step still undecided at its time limit "
-        "rolls back (the table of healthy challengers by rate), which is the next change. The fixed check's 99 % "
+        "of healthy canaries at 50 requests a second; at any rate a step still undecided at its time limit is "
+        "given it once more and then ends inconclusive, not rolled back (the table of healthy challengers by "
+        "rate). The fixed check's 99 % "
         "success threshold sits at the healthy error rate (1 %), so it fails a healthy canary's check about as "
         "often as it passes it; at 98 % it rolls back no healthy canary, and a bad one after the same requests. "
         f"The goal of 2x fewer requests holds from {next((r for r, x in zip(RATES, ratios) if x >= 2), 'no')} "

@@ -71,8 +71,8 @@ def trained(prepared, demo_files, tmp_path_factory):
 QUICK_CANARY = [
     "canary.steps=[50,100]",
     "canary.min_requests_per_step=20",
-    "canary.error_margin=0.08",  # below the 10 % error drill, so only a rollback can end it
-    "canary.slow_margin=0.3",
+    "canary.error_floor=0.08",  # below the 10 % error drill, so only a rollback can end it
+    "canary.slow_floor=0.3",
     "canary.quality_margin=0.2",
     "canary.max_error_rate=0.2",
 ]

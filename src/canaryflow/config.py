@@ -387,14 +387,26 @@ class CanaryConfig(_Section):
         0.02, ge=0, le=1, description="Roll back once online chrF (as a 0-1 share) is surely worse by more."
     )
     error_margin: float = Field(
-        0.05, gt=0, le=1, description="Promote a step once the error rate is surely worse by less."
-    )
+        2.0, description="Promote a step once the challenger's error rate is surely below this many times the "
+        "champion's (a ratio above 1), or surely within error_floor of it."
+    )  # fmt: skip
+    error_floor: float = Field(
+        0.02, gt=0, le=1, description="An excess error rate (a share) small enough to promote on: where errors "
+        "are too rare for their ratio to be known, this decides."
+    )  # fmt: skip
     slow_margin: float = Field(
-        0.10, gt=0, le=1, description="Promote a step once the slow share is surely worse by less."
-    )
+        1.5, description="Promote a step once the challenger's share of slow requests is surely below this many "
+        "times the champion's (a ratio above 1), or surely within slow_floor of it."
+    )  # fmt: skip
+    slow_floor: float = Field(0.10, gt=0, le=1, description="The same floor, for the share of slow requests.")
     quality_margin: float = Field(
         0.05, gt=0, le=1, description="Promote a step once online chrF (0-1 share) is surely worse by less."
     )
+    undecided_extensions: int = Field(
+        1, ge=0, description="Times a step still undecided at its request or time limit is given those limits "
+        "again; after the last, the canary ends inconclusive: the champion keeps serving and the challenger "
+        "stays registered with that verdict."
+    )  # fmt: skip
     max_error_rate: float = Field(
         0.05, gt=0, le=1, description="Smoke check (no champion): the error rate must be surely below this."
     )
@@ -413,7 +425,20 @@ class CanaryConfig(_Section):
     def _steps_rise_to_100(cls, steps: list[int]) -> list[int]:
         if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
             raise ValueError("must rise strictly, each in 1..100, and end at 100")
+        if len(steps) < 2:
+            raise ValueError("needs a step below 100: the challenger is compared with the champion serving beside it")
         return steps
+
+    @field_validator("error_margin", "slow_margin")
+    @classmethod
+    def _margins_are_ratios(cls, value: float, info) -> float:
+        if value <= 1:
+            sli = info.field_name.removesuffix("_margin")
+            raise ValueError(
+                f"is a ratio to the champion's rate, above 1 (1.5: half as many again); an absolute share "
+                f"goes in canary.{sli}_floor"
+            )
+        return value
 
     @model_validator(mode="after")
     def _margins_above_tolerances(self) -> CanaryConfig:

@@ -29,6 +29,9 @@ def test_set_overrides_keep_yaml_types():
         ("mlflow.retries=-1", "mlflow.retries"),
         ("canary.shadow_requests=10", "canary.shadow_requests must be 0 or at least"),
         ("canary.error_margin=0", "canary.error_margin"),
+        # A config from before margins were ratios: the message says where the absolute share goes now.
+        ("canary.error_margin=0.05", "an absolute share goes in canary.error_floor"),
+        ("canary.steps=[100]", "needs a step below 100"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):

@@ -93,6 +93,14 @@ def test_promotion_is_compare_and_set_and_rollback_keeps_champion(registry, trai
     aliases = models.reject(cfg, third, "error rate")
     assert aliases["champion"] == second and aliases["challenger"] is None
     assert MlflowClient().get_model_version("unit", third).tags["canary.verdict"] == "rolled_back"
+    # An inconclusive canary leaves the champion as it was too, and says so in the tag and the ledger.
+    fourth = models.register_candidate(cfg, "run-e", trained[0], _evaluation(True), {"data_hash": "abc"})
+    aliases = models.reject(cfg, fourth, "undecided after 6000 requests", verdict="inconclusive")
+    assert aliases["champion"] == second and aliases["challenger"] is None
+    assert MlflowClient().get_model_version("unit", fourth).tags["canary.verdict"] == "inconclusive"
+    from canaryflow.registry.ledger import history
+
+    assert history(cfg, "challenger")[-1]["reason"].startswith("inconclusive: undecided")
 
 
 def test_steps_of_one_pipeline_run_share_one_mlflow_run(registry):

@@ -310,18 +310,22 @@ def rollback(cfg: Config, reason: str, run_key: str = "") -> dict[str, str | Non
     )
 
 
-def reject(cfg: Config, version: str, reason: str, run_key: str = "") -> dict[str, str | None]:
-    """Roll the challenger back: it loses the `challenger` alias, through the promotion lock and recorded in
-    the ledger like every alias move; the champion is untouched."""
+def reject(
+    cfg: Config, version: str, reason: str, run_key: str = "", verdict: str = "rolled_back"
+) -> dict[str, str | None]:
+    """Roll the challenger back, or end its canary inconclusive (`verdict`): it loses the `challenger` alias,
+    through the promotion lock and recorded in the ledger like every alias move, and keeps the verdict as
+    a tag; the champion is untouched."""
     from canaryflow.registry.ledger import move_aliases
 
     name = cfg.registry.model_name
     held = alias_version(cfg, CHALLENGER)
     if held == version:
-        result = move_aliases(cfg, {CHALLENGER: None}, {CHALLENGER: version}, f"rolled back: {reason}", run_key)
+        said = verdict.replace("_", " ")
+        result = move_aliases(cfg, {CHALLENGER: None}, {CHALLENGER: version}, f"{said}: {reason}", run_key)
     else:
         result = aliases(cfg)
     client = _client()
-    client.set_model_version_tag(name, version, "canary.verdict", "rolled_back")
+    client.set_model_version_tag(name, version, "canary.verdict", verdict)
     client.set_model_version_tag(name, version, "canary.reason", reason)
     return result

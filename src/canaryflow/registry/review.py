@@ -41,7 +41,7 @@ def plot_metric_history(rows: list[dict], metrics: tuple[str, ...] = ("bleu", "c
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3.5))
-    colours = {"promoted": "tab:green", "rolled_back": "tab:red"}
+    colours = {"promoted": "tab:green", "rolled_back": "tab:red", "inconclusive": "tab:olive"}
     width = 0.8 / max(len(metrics), 1)
     for i, metric in enumerate(metrics):
         xs = [r["version"] + (i - (len(metrics) - 1) / 2) * width for r in rows]
@@ -104,7 +104,9 @@ def plot_run_comparison(rows: list[dict], metric: str = "bleu", ax=None):
     ax.plot(xs, [float("nan") if v is None else v for v in challenger], "o-", color="tab:blue", label="challenger")
     for x, row, value in zip(xs, rows, challenger):
         if value is not None:
-            mark = {"promoted": "promoted", "rolled_back": "rolled back"}.get(row["canary"], f"gate {row['gate']}")
+            mark = {"promoted": "promoted", "rolled_back": "rolled back", "inconclusive": "inconclusive"}.get(
+                row["canary"], f"gate {row['gate']}"
+            )
             ax.annotate(mark, (x, value), textcoords="offset points", xytext=(0, 8), ha="center", fontsize="small")
     ax.set_xticks(xs, [f"{r['started'][5:16]}\nv{r['version'] or '-'}" for r in rows], fontsize="small")
     ax.set_ylabel(metric)

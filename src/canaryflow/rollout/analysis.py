@@ -21,8 +21,17 @@ The tests. Per SLI the controller asks how much worse the challenger is, delta =
 - shadow phase: both variants answer the same request, so one CS on the paired differences (mapped to
   [0, 1]) at alpha_sli, where a request's difficulty cancels;
 - smoke check (no champion): the challenger's own CS against an absolute limit.
-Promote a step once it has seen `min_requests_per_step` challenger requests and every delta is surely below
-its margin; a step that hits its request or time limit first rolls back.
+
+Promotion. The steps before the deciding one (the last below 100 %) advance once they have seen
+`min_requests_per_step` challenger requests and nothing is surely harmful: they bound how many users a bad
+challenger reaches while the rollback tests, which never stop, gather evidence. The deciding step must
+also prove every margin on its own requests (per-step streams, so earlier steps at lower load neither
+promote it nor dilute it): for errors and slow requests the challenger's rate surely under `*_margin` times
+the champion's or within `*_floor` of it (`margin`), for quality within `quality_margin`. Its CSs are
+two-sided at the SLI's whole alpha, of which a promotion uses one side of each variant's: alpha_sli / 2 +
+alpha_sli / 2, so a challenger worse than its margin is promoted with probability at most alpha_sli. A step
+undecided at its request or time limit is not a rollback: the controller extends it or ends the canary
+inconclusive (controller.drive).
 
 Rolling back on errors and slow requests: a likelihood test on events (EventTest), not the CSs above, which
 work on a variance scale and spend half their alpha on the promotion side. Given that an event happened on a
@@ -58,7 +67,7 @@ from canaryflow.stats import percentile
 
 SLIS = ("error", "slow", "quality")
 EVENT_SLIS = ("error", "slow")  # counted events, judged by EventTest
-PROMOTE, ROLLBACK, CONTINUE = "promote", "rollback", "continue"
+PROMOTE, ROLLBACK, CONTINUE, INCONCLUSIVE = "promote", "rollback", "continue", "inconclusive"
 # The largest betting fraction, as in the paper's experiments: near 1, a run of zeros would be bet on too hard.
 _MAX_LAMBDA = 0.75
 # The paper's lambda_t shrinks like 1/sqrt(t log t) from the first value on. Holding it where t log(1 + t)
@@ -160,17 +169,31 @@ class Stream(ConfidenceSequence):
 
 class EventTest:
     """The mixture likelihood-ratio test of H0: rate ratio <= `ratio` on events (module docstring), at
-    `alpha`, one-sided; updated per stretch of requests at one challenger share, in O(grid)."""
+    `alpha`, one-sided; updated per stretch of requests at one challenger share, in O(grid).
 
-    def __init__(self, alpha: float, ratio: float = 1.0):
+    With `starts` > 1 it is also change-aware: one mixture starts at the first traffic step and one more at
+    each later step (`restart`), and the evidence is their weighted sum, the first weighted 3/4 and the
+    rest sharing 1/4. A mixture that has not started is 1, so each is a nonnegative supermartingale under
+    H0 from the beginning, and so is the sum, whose weights were fixed before any data: Ville's inequality
+    holds as for one. A regression that appears only at a high weight is then judged on that weight's
+    events alone, not diluted by the healthy ones before it, at a cost of log(4/3) in evidence to the first
+    step and log(4 (starts - 1)) to a later one."""
+
+    def __init__(self, alpha: float, ratio: float = 1.0, starts: int = 1):
         self.ratio = ratio
         self.log_threshold = math.log(1 / alpha)
         self._alternatives = ratio * _RATIOS
-        self._log_lr = np.zeros(len(_RATIOS))
+        self._log_weights = np.log([1.0] if starts <= 1 else [0.75] + [0.25 / (starts - 1)] * (starts - 1))
+        self._log_lr = np.zeros((len(self._log_weights), len(_RATIOS)))
+        self._started = 1
         self.log_e = 0.0  # log of the mixture: the evidence against H0 (an e-value)
         self.rejected = False
         self.events = {"challenger": 0, "champion": 0}
         self.requests = {"challenger": 0, "champion": 0}
+
+    def restart(self, step: int) -> None:
+        """Traffic step `step` (0-based) begins: its own mixture starts now, if the test has one for it."""
+        self._started = max(self._started, min(step + 1, len(self._log_weights)))
 
     def add(self, challenger_events: int, champion_events: int, share: float, requests: tuple[int, int] = (0, 0)):
         """Events seen where the challenger served each request with probability `share` (or served that
@@ -183,10 +206,13 @@ class EventTest:
             return  # one variant alone, or no events: nothing about the ratio
         null = share * self.ratio / (share * self.ratio + 1 - share)
         theta = share * self._alternatives / (share * self._alternatives + 1 - share)
-        self._log_lr += challenger_events * (np.log(theta) - math.log(null))
-        self._log_lr += champion_events * (np.log1p(-theta) - math.log1p(-null))
-        top = float(self._log_lr.max())
-        self.log_e = top + math.log(float(np.exp(self._log_lr - top).mean()))
+        live = self._log_lr[: self._started]
+        live += challenger_events * (np.log(theta) - math.log(null))
+        live += champion_events * (np.log1p(-theta) - math.log1p(-null))
+        # log of sum_k w_k mean_j exp(log_lr[k, j]), computed without overflow.
+        terms = self._log_weights[:, None] + self._log_lr - math.log(len(_RATIOS))
+        top = float(terms.max())
+        self.log_e = top + math.log(float(np.exp(terms - top).sum()))
         self.rejected = self.rejected or self.log_e >= self.log_threshold
 
     @property
@@ -197,22 +223,38 @@ class EventTest:
 
 
 class Evidence:
-    """Every SLI's streams: per variant in traffic steps (or the smoke check), paired in the shadow phase.
-    Each stream's CS is built at its share of alpha (see `sli_alpha`), fixed when the stream starts."""
+    """Every SLI's streams: per variant over the whole canary (the quality rollback, the smoke check) and
+    over the current traffic step alone (what promotes it), paired in the shadow phase; and the event
+    tests. Each stream's CS is built at its share of alpha (see `sli_alpha`), fixed when it starts."""
 
     def __init__(self, policy: CanaryConfig, has_champion: bool = True):
         self.alpha = sli_alpha(policy, shadow=has_champion and policy.shadow_requests > 0)
         # Two-sample bounds spend half of an SLI's alpha on each variant's CS (a union bound).
         self._side = self.alpha / 2 if has_champion else self.alpha
         self.streams: dict[tuple[str, str], Stream] = {}
+        # A step is promoted on one side of each variant's CS (the challenger's upper bound, the champion's
+        # lower), so a two-sided CS at the SLI's whole alpha puts alpha / 2 on each side that is used.
+        self.step_streams: dict[tuple[str, str], Stream] = {}
         self.policy = policy
         self.events: dict[tuple[str, str], EventTest] = {}  # (sli, "steps" | "shadow")
+        # Steps below 100 % carry evidence on the ratio (at 100 % the champion serves nothing).
+        self._starts = sum(w < 100 for w in policy.steps)
 
     def stream(self, sli: str, variant: str) -> Stream | None:
         return self.streams.get((sli, variant))
 
+    def new_step(self, step: int) -> None:
+        """Traffic step `step` (0-based) begins: its promotion rests on its own requests alone."""
+        self.step_streams = {}
+        for (_, phase), test in self.events.items():
+            if phase == "steps":
+                test.restart(step)
+        self._step = step
+
     def add(self, variant: str, sli: str, values: Iterable[float]) -> None:
+        values = list(values)
         self.streams.setdefault((sli, variant), Stream(self._side)).extend(values)
+        self.step_streams.setdefault((sli, variant), Stream(self.alpha)).extend(values)
 
     def add_pairs(self, sli: str, differences: Iterable[float]) -> None:
         differences = list(differences)
@@ -224,7 +266,10 @@ class Evidence:
     def event_test(self, sli: str, phase: str) -> EventTest:
         key = (sli, phase)
         if key not in self.events:
-            self.events[key] = EventTest(self.alpha, getattr(self.policy, f"{sli}_tolerance"))
+            starts = self._starts if phase == "steps" else 1
+            test = EventTest(self.alpha, getattr(self.policy, f"{sli}_tolerance"), starts)
+            test.restart(getattr(self, "_step", 0))
+            self.events[key] = test
         return self.events[key]
 
     def add_events(self, losses: dict[str, dict[str, list[float]]], share: float) -> None:
@@ -267,7 +312,8 @@ def paired_losses(pairs: list[tuple[Observation, Observation]], slow_ms: float |
 
 @dataclass(frozen=True)
 class Bound:
-    """How much worse the challenger is on one SLI (delta, a share in [-1, 1]), and the two thresholds."""
+    """How much worse the challenger is on one SLI (delta, a share in [-1, 1]), and the two thresholds. In
+    traffic steps `high`, `margin` and `estimate` are the current step's own; `low` is the whole canary's."""
 
     sli: str
     low: float
@@ -278,6 +324,7 @@ class Bound:
     n: int
     against: str = "the champion"  # or "the limit", in the smoke check
     test: EventTest | None = None  # error and slow against the champion: the rollback is this test's
+    ratio_margin: float | None = None  # error and slow: margin is the larger of this ratio and the floor
 
     @property
     def harmful(self) -> bool:
@@ -288,30 +335,49 @@ class Bound:
         return self.high < self.margin
 
 
-def thresholds(policy: CanaryConfig, sli: str) -> tuple[float, float]:
-    """(tolerance, margin) on delta. An event SLI's tolerance is a rate ratio, its EventTest's; its delta
-    bound rolls nothing back, so its tolerance there is the margin's floor, for display."""
-    tolerance = 0.0 if sli in EVENT_SLIS else getattr(policy, f"{sli}_tolerance")
-    return tolerance, getattr(policy, f"{sli}_margin")
+def margin(policy: CanaryConfig, sli: str, champion_low: float | None) -> float:
+    """The most the challenger's loss may surely exceed the champion's for a step to be promoted. For
+    errors and slow requests it is a ratio with a floor: surely below `margin` times the champion's rate,
+    or surely within `floor` of it. Where events are rare the ratio cannot be known (no champion events,
+    no ratio), and the floor decides; where they are not, a 5x rate is never within a 1.5x margin."""
+    if sli not in EVENT_SLIS:
+        return getattr(policy, f"{sli}_margin")
+    floor = getattr(policy, f"{sli}_floor")
+    if champion_low is None:
+        return floor
+    return max((getattr(policy, f"{sli}_margin") - 1) * champion_low, floor)
 
 
-def bound_two_sample(
-    sli: str, challenger: Stream | None, champion: Stream | None, policy, test: EventTest | None = None
-) -> Bound | None:
+def bound_steps(sli: str, evidence: Evidence, policy: CanaryConfig, test: EventTest | None) -> Bound | None:
+    """One SLI in a traffic step: promoted on the step's own two-sample bound, rolled back on the whole
+    canary's (quality) or on the event test (errors, slow requests)."""
+    challenger, champion = evidence.stream(sli, "challenger"), evidence.stream(sli, "champion")
     if challenger is None or champion is None or not challenger.n or not champion.n:
         return None
-    tolerance, margin = thresholds(policy, sli)
-    low, high = challenger.low - champion.high, challenger.high - champion.low
-    return Bound(sli, low, high, tolerance, margin, challenger.mean - champion.mean, challenger.n, test=test)
+    step_c = evidence.step_streams.get((sli, "challenger"))
+    step_b = evidence.step_streams.get((sli, "champion"))
+    low = challenger.low - champion.high
+    if step_c is None or step_b is None or not step_c.n or not step_b.n:
+        # The step has no two-sample evidence of its own (the champion serves nothing at 100 %).
+        high, limit, estimate, n = 1.0, margin(policy, sli, None), challenger.mean - champion.mean, challenger.n
+    else:
+        high, limit = step_c.high - step_b.low, margin(policy, sli, step_b.low)
+        estimate, n = step_c.mean - step_b.mean, step_c.n
+    tolerance = 0.0 if sli in EVENT_SLIS else policy.quality_tolerance
+    ratio = getattr(policy, f"{sli}_margin") if sli in EVENT_SLIS else None
+    return Bound(sli, low, high, tolerance, limit, estimate, n, test=test, ratio_margin=ratio)
 
 
 def bound_paired(sli: str, paired: Stream | None, policy, test: EventTest | None = None) -> Bound | None:
+    """The shadow phase: mirrored requests, so no champion rate of its own to scale a ratio by; an event
+    SLI's margin there is its floor."""
     if paired is None or not paired.n:
         return None
-    tolerance, margin = thresholds(policy, sli)
+    tolerance = 0.0 if sli in EVENT_SLIS else policy.quality_tolerance
     return Bound(
-        sli, 2 * paired.low - 1, 2 * paired.high - 1, tolerance, margin, 2 * paired.mean - 1, paired.n, test=test
-    )
+        sli, 2 * paired.low - 1, 2 * paired.high - 1, tolerance, margin(policy, sli, None), 2 * paired.mean - 1,
+        paired.n, test=test,
+    )  # fmt: skip
 
 
 def smoke_limits(policy: CanaryConfig) -> dict[str, float]:
@@ -340,14 +406,22 @@ def bounds(evidence: Evidence, policy: CanaryConfig, phase: str) -> list[Bound]:
         elif phase == "smoke":
             found.append(bound_absolute(sli, evidence.stream(sli, "challenger"), smoke_limits(policy)[sli]))
         else:
-            challenger, champion = evidence.stream(sli, "challenger"), evidence.stream(sli, "champion")
-            found.append(bound_two_sample(sli, challenger, champion, policy, test))
+            found.append(bound_steps(sli, evidence, policy, test))
     return [b for b in found if b is not None]
+
+
+def deciding_step(steps: list[int]) -> int:
+    """The index of the step that must prove every margin: the last below 100 %, the highest weight at which
+    the champion still serves alongside. The steps before it advance once they have their minimum of
+    requests and no harm is found: they limit how many users a bad challenger reaches while the rollback
+    tests, which never stop, gather evidence; proof at a low weight would cost the most requests."""
+    return max(i for i, weight in enumerate(steps) if weight < 100)
 
 
 @dataclass(frozen=True)
 class Look:
-    """The controller's decision at one look: promote this step, roll back, or continue; with reasons."""
+    """The controller's decision at one look: promote this step, roll back, continue, or undecided at the
+    step's limit (an inconclusive canary, unless the policy extends the step); with reasons."""
 
     action: str
     checks: tuple[Check, ...]
@@ -364,39 +438,60 @@ _NAMES = {"error": "error rate", "slow": "slow share", "quality": "online chrF l
 
 
 def _describe(b: Bound) -> str:
-    if b.test is None:
+    if b.against == "the limit":
         return (
-            f"{b.estimate:+.3f} against {b.against}, surely in [{b.low:+.3f}, {b.high:+.3f}] after {b.n} "
+            f"{b.estimate:+.3f} against the limit, surely in [{b.low:+.3f}, {b.high:+.3f}] after {b.n} "
             f"(roll back above {b.tolerance:+.3f}, safe below {b.margin:+.3f})"
         )
+    safe = f"safe below {b.margin:+.3f}"
+    if b.ratio_margin is not None:
+        safe += f": {b.ratio_margin:g}x the champion's rate, or its floor"
+    text = f"{b.estimate:+.3f} against the champion, surely below {b.high:+.3f} after {b.n} ({safe})"
+    if b.test is None:
+        return f"{text}; overall surely above {b.low:+.3f} (roll back above {b.tolerance:+.3f})"
     t = b.test
     ratio = "no champion events yet" if t.estimate is None else f"{t.estimate:.2f}x the champion's rate"
     return (
-        f"{b.estimate:+.3f} against {b.against} ({ratio}; {t.events['challenger']} vs {t.events['champion']} "
-        f"events), surely in [{b.low:+.3f}, {b.high:+.3f}] after {b.n} (safe below {b.margin:+.3f}); evidence of "
-        f"more than {t.ratio:g}x: {math.exp(t.log_e):.3g} (roll back at {math.exp(t.log_threshold):.3g})"
+        f"{text}; overall {ratio} ({t.events['challenger']} vs {t.events['champion']} events), evidence of more "
+        f"than {t.ratio:g}x: {math.exp(t.log_e):.3g} (roll back at {math.exp(t.log_threshold):.3g})"
     )
 
 
 def look(
-    found: list[Bound], step_requests: int, step_seconds: float, policy: CanaryConfig, limit_requests: int | None = None
+    found: list[Bound],
+    step_requests: int,
+    step_seconds: float,
+    policy: CanaryConfig,
+    limit_requests: int | None = None,
+    deciding: bool = True,
+    limit_seconds: float | None = None,
 ) -> Look:
     """Decide after one batch: roll back on any surely harmful SLI; promote once the step has its minimum of
-    challenger requests and every SLI with data is surely safe; roll back an undecided step at its limit
-    (`limit_requests`, default `canary.max_requests_per_step`, or `canary.max_step_seconds`); else continue."""
+    challenger requests and, if it is `deciding`, every SLI with data is surely safe (if not, once no SLI
+    leans towards harm); at the step's limit
+    (`limit_requests`, default `canary.max_requests_per_step`, or `limit_seconds`, default
+    `canary.max_step_seconds`) an undecided step is INCONCLUSIVE; else continue."""
     harmful = [b for b in found if b.harmful]
     if harmful:
         return Look(ROLLBACK, tuple(Check(_NAMES[b.sli], False, _describe(b)) for b in harmful))
-    checks = [Check(_NAMES[b.sli], b.safe, _describe(b)) for b in found]
+    # A step that need not prove its margins shows them, but they do not hold it back.
+    checks = [Check(_NAMES[b.sli], b.safe or not deciding, _describe(b)) for b in found]
     enough = step_requests >= policy.min_requests_per_step
     checks.insert(
         0, Check("requests", enough, f"{step_requests} challenger requests (need {policy.min_requests_per_step})")
     )
-    if enough and found and all(b.safe for b in found) and {b.sli for b in found} >= {"error", "slow"}:
+    proven = found and all(b.safe for b in found) and {b.sli for b in found} >= {"error", "slow"}
+    # A step before the deciding one holds its weight while the data lean towards harm (the step's estimate
+    # beyond its margin, or any evidence for the event test's alternatives): a bad challenger is then judged
+    # where it reaches the fewest users. Measured on simulated canaries (1 % -> 5 % errors), the median
+    # challenger requests to roll back fall by a quarter; healthy ones advance as before.
+    leaning = [b for b in found if b.estimate >= b.margin or (b.test is not None and b.test.log_e > 0)]
+    if enough and (proven or (not deciding and not leaning)):
         return Look(PROMOTE, tuple(checks))
     limit = limit_requests or policy.max_requests_per_step
-    if step_requests >= limit or step_seconds >= policy.max_step_seconds:
+    seconds = limit_seconds or policy.max_step_seconds
+    if step_requests >= limit or step_seconds >= seconds:
         why = f"{step_requests} requests" if step_requests >= limit else f"{step_seconds:.0f} s"
-        checks.append(Check("decided in time", False, f"undecided after {why}: rolling back is the safe default"))
-        return Look(ROLLBACK, tuple(checks))
+        checks.append(Check("decided in time", False, f"undecided after {why}"))
+        return Look(INCONCLUSIVE, tuple(checks))
     return Look(CONTINUE, tuple(checks))

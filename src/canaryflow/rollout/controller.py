@@ -27,7 +27,7 @@ from canaryflow.errors import CanaryflowError
 from canaryflow.evaluation.online import sentence_chrf
 from canaryflow.registry import models
 from canaryflow.rollout import analysis
-from canaryflow.rollout.analysis import CONTINUE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
+from canaryflow.rollout.analysis import CONTINUE, INCONCLUSIVE, PROMOTE, ROLLBACK, Evidence, Observation, summarize
 from canaryflow.rollout.local import LocalBackend, post_json
 from canaryflow.stats import RunningPercentile
 
@@ -58,10 +58,11 @@ def _timeline_point(started: float, sent: int, phase: str, weight: int, batch: l
 
 
 def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=None) -> dict:
-    """Run the rollout to a verdict over `traffic`; return the verdict, the evidence per phase and the
-    timeline of every look. A rollback leaves the champion with all the traffic; a promotion leaves the
-    challenger with all of it."""
+    """Run the rollout to a verdict over `traffic`; return the verdict (promoted, rolled_back or
+    inconclusive), the evidence per phase and the timeline of every look. A promotion leaves the challenger
+    with all the traffic; a rollback or an inconclusive canary leaves the champion with all of it."""
     evidence = Evidence(policy, has_champion)
+    deciding = analysis.deciding_step(policy.steps)
     phases: list[tuple[str, int]] = []
     if has_champion and policy.shadow_requests:
         phases.append(("shadow", 0))
@@ -70,15 +71,19 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
     timeline: list[dict] = []
     results: list[dict] = []
     sent = 0
+    step = 0
     for phase, weight in phases:
         mirrored = phase == "shadow"
         if mirrored:
             traffic.shift({CHAMPION: 100, CHALLENGER: 0}, mirror=True)
         else:
             traffic.shift({CHALLENGER: weight, CHAMPION: 100 - weight} if has_champion else {CHALLENGER: 100})
+        if phase == "steps":
+            evidence.new_step(step)
         phase_started, step_requests = traffic.elapsed(), 0
         seen: list[Observation] = []
         limit = policy.shadow_requests if mirrored else policy.max_requests_per_step
+        limit_seconds, extensions = policy.max_step_seconds, 0
         while True:
             reference = policy.max_p95_ms if phase == "smoke" else champion_latency(95)
             if mirrored:
@@ -106,8 +111,17 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
             seen += batch
             found = analysis.bounds(evidence, policy, phase)
             decision = analysis.look(
-                found, step_requests, traffic.elapsed() - phase_started, policy, limit_requests=limit
-            )
+                found, step_requests, traffic.elapsed() - phase_started, policy, limit, phase != "steps" or
+                step == deciding, limit_seconds,
+            )  # fmt: skip
+            if decision.action == INCONCLUSIVE and mirrored:
+                # The shadow phase ran its requests and found no harm: the traffic steps decide.
+                decision = analysis.Look(PROMOTE, decision.checks[:-1])
+            elif decision.action == INCONCLUSIVE and extensions < policy.undecided_extensions:
+                extensions += 1
+                limit += policy.max_requests_per_step
+                limit_seconds += policy.max_step_seconds
+                decision = analysis.Look(CONTINUE, decision.checks)
             timeline.append(_timeline_point(traffic.elapsed(), sent, phase, weight, batch, found, decision))
             if on_look is not None:
                 on_look(phase, weight, step_requests, decision)
@@ -124,18 +138,23 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
                 **decision.to_dict(),
             }
         )
-        if decision.action == ROLLBACK:
+        if decision.action != PROMOTE:
             break
+        step += phase == "steps"
     promoted = decision.action == PROMOTE
     if has_champion:  # in the smoke check there is no one else to give the traffic to
         traffic.shift({CHALLENGER: 100, CHAMPION: 0} if promoted else {CHAMPION: 100, CHALLENGER: 0})
     last = results[-1]
     where = "shadow phase" if last["phase"] == "shadow" else f"step at {last['weight']}%"
     failed = [reason for reason in last["reasons"] if reason.startswith("FAIL")]
+    verdict = {PROMOTE: "promoted", ROLLBACK: "rolled_back", INCONCLUSIVE: "inconclusive"}[decision.action]
+    reason = f"all {len(results)} phase(s) passed" if promoted else f"{where}: " + "; ".join(failed)
+    if verdict == "inconclusive":
+        reason += "; neither harm nor every margin shown: the champion keeps serving"
     return {
         "mode": "canary" if has_champion else "smoke",
-        "verdict": "promoted" if promoted else "rolled_back",
-        "reason": f"all {len(results)} phase(s) passed" if promoted else f"{where}: " + "; ".join(failed),
+        "verdict": verdict,
+        "reason": reason,
         "requests": sent,
         "requests_to_decision": sent,
         "steps": results,
@@ -428,7 +447,7 @@ def run_canary(
     reporter=progress.emit,
     on_start=None,
 ) -> dict:
-    """Run the rollout on the local backend; return verdict ('promoted' | 'rolled_back') and evidence, and
+    """Run the rollout on the local backend; return verdict (promoted, rolled_back, inconclusive) and evidence, and
     the weights the router was left with (`router_weights`). `on_start` gets the /metrics URLs of the router
     and each server once they are up."""
     servers = {CHALLENGER: challenger}
@@ -459,6 +478,8 @@ def run_canary(
         try:
             result = drive(policy, traffic, champion is not None, on_look=report)
             result["router_weights"] = dict(backend.router.weights)
+            if result["verdict"] == "inconclusive":  # the last shift, back to the champion, read as a rollback
+                backend.router.set_canary_state("inconclusive", backend.router.versions[CHALLENGER])
         finally:
             traffic.close()
     result["seconds"] = round(time.perf_counter() - started, 2)
@@ -486,7 +507,7 @@ def plot_timeline(result: dict):
     axes[1].legend(loc="upper left", fontsize="small")
     for point in timeline:
         if point["action"] != CONTINUE:
-            colour = "tab:green" if point["action"] == PROMOTE else "tab:red"
+            colour = {PROMOTE: "tab:green", INCONCLUSIVE: "tab:gray"}.get(point["action"], "tab:red")
             for ax in axes:
                 ax.axvline(point["t_s"], color=colour, linestyle="--", linewidth=1)
             axes[0].annotate(point["action"], (point["t_s"], 102), fontsize="small", color=colour, rotation=90)
@@ -557,7 +578,7 @@ def canary_rollout(cfg: Config, data_dir: str | Path, version: str, run_key: str
                     f"yet: {exc}; the next canary rolls it out first"
                 ) from None
     else:
-        result["aliases"] = models.reject(cfg, version, result["reason"], run_key)
+        result["aliases"] = models.reject(cfg, version, result["reason"], run_key, result["verdict"])
     (out / "canary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     timeline = save_timeline(result, out)
     with pipeline_run(cfg, run_key):

@@ -215,7 +215,8 @@ class Router:
         )
         self._state = Gauge(
             "canaryflow_canary_state",
-            "1 for the canary's current state (shadow, canary, promoted, rolled_back), per challenger version.",
+            "1 for the canary's current state (shadow, canary, promoted, rolled_back, inconclusive), per challenger "
+            "version.",
             ("model_version", "state"),
             registry=self.registry,
         )
@@ -241,7 +242,7 @@ class Router:
         with self._lock:
             self.mirror = (primary, shadow) if primary is not None else None
 
-    CANARY_STATES = ("shadow", "canary", "promoted", "rolled_back")
+    CANARY_STATES = ("shadow", "canary", "promoted", "rolled_back", "inconclusive")
 
     def set_canary_state(self, state: str, model_version: str) -> None:
         """Mark the canary of `model_version` as in `state` (and in no other), for the on-call dashboard."""

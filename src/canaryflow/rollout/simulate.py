@@ -30,8 +30,19 @@ class Variant:
 class SimulatedTraffic:
     """The `Traffic` the controller drives, with each request's outcome drawn from its variant's profile."""
 
-    def __init__(self, champion: Variant, challenger: Variant, seed: int, rate: float = 50.0):
+    def __init__(
+        self,
+        champion: Variant,
+        challenger: Variant,
+        seed: int,
+        rate: float = 50.0,
+        loaded: tuple[int, Variant] | None = None,
+    ):
         self.variants = {"champion": champion, "challenger": challenger}
+        # (weight, variant): from that share of the traffic on, the challenger behaves as `variant` (a
+        # regression that shows only under load).
+        self.loaded = loaded
+        self._calm = challenger
         self.rate = rate  # requests a second: what the step time limit sees
         self.rng = np.random.default_rng(seed)
         self.weights = {"champion": 100, "challenger": 0}
@@ -42,6 +53,9 @@ class SimulatedTraffic:
     def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
         self.weights = {"champion": 0, "challenger": 0, **weights}
         self.mirror = mirror
+        if self.loaded is not None:
+            at, variant = self.loaded
+            self.variants["challenger"] = variant if self.weights["challenger"] >= at else self._calm
 
     def elapsed(self) -> float:
         return self.clock
