@@ -57,11 +57,10 @@ def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
     assert summary["gate"]["passed"] is True
     assert summary["canary"]["mode"] == "canary"
     assert summary["canary"]["champion_version"] == "1" and summary["canary"]["challenger_version"] == "2"
+    # Version 2 trained longer on more data (BLEU and chrF well above version 1's): the canary promotes it.
+    assert summary["canary"]["verdict"] == "promoted", summary["canary"]["reason"]
     aliases = summary["registry"]["aliases"]
-    if summary["canary"]["verdict"] == "promoted":
-        assert aliases == {"champion": "2", "challenger": None, "previous-champion": "1"}
-    else:
-        assert aliases == {"champion": "1", "challenger": None, "previous-champion": None}
+    assert aliases == {"champion": "2", "challenger": None, "previous-champion": "1"}
     cfg, versions = _registry(workdir)
     assert set(versions) == {"1", "2"}
     assert models.aliases(cfg) == aliases
@@ -70,6 +69,36 @@ def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
     assert versions["2"].tags["data_hash"] == summary["data"]["content_hash"]
     drift = summary["data"]["drift"]  # measured against the data the bootstrap champion was trained on
     assert drift["champion_version"] == "1" and 0 <= drift["distance"]["vocabulary"] < 0.5
+
+
+def test_a_genuinely_worse_model_is_rolled_back_on_quality_by_real_servers(lifecycle_run, trained, prepared, tmp_path):
+    """The weak model (40 training steps) against the lifecycle's champion (350 steps), both served by real
+    model server processes behind the router, the gate left out as if forced open: the canary rolls the
+    weak one back on online quality, and the champion keeps the traffic."""
+    from canaryflow.data.prepare import read_pairs
+    from canaryflow.rollout.controller import run_canary
+    from tests.conftest import QUICK_CANARY
+
+    workdir, _ = lifecycle_run
+    # The weak model is slower too (it rarely stops before the token limit); with slow requests tolerated,
+    # quality alone must end the canary.
+    tolerant = [*QUICK_CANARY, "canary.slow_tolerance=50"]
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(workdir)}", *tolerant])
+    champion = models.alias_version(cfg, models.CHAMPION)
+    test = read_pairs(prepared[0], "test")
+    result = run_canary(
+        cfg,
+        (str(trained[0]), "weak"),
+        (models.model_uri(cfg, champion), champion),
+        list(test["input"]),
+        [list(refs) for refs in test["references"]],
+        tmp_path / "logs",
+    )
+    assert result["verdict"] == "rolled_back", result["reason"]
+    assert "FAIL online chrF loss" in result["reason"]
+    assert result["router_weights"] == {"champion": 100, "challenger": 0}
+    step = result["steps"][-1]
+    assert step["challenger"]["mean_chrf"] < step["champion"]["mean_chrf"] - 5
 
 
 # Nothing like the demo's "name: ... | job: ..." records: other words, other lengths, e-mail addresses to mask.
