@@ -217,8 +217,12 @@ class GateConfig(_Section):
     resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the test items.")
     seed: int = Field(12345, description="Seed of the bootstrap resamples, so a verdict can be reproduced.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of the intervals (two-sided).")
-    correction: Literal["holm", "none"] = Field(
-        "holm", description="Correction for judging several metrics at once (Holm's step-down), or none."
+    correction: Literal["none", "holm"] = Field(
+        "none",
+        description="Correction for judging several metrics at once. none: each metric at alpha = (1 - confidence)"
+        " / 2, which already bounds at alpha the chance of passing a challenger worse on any one metric, because "
+        "passing needs every metric (an intersection-union test, Berger 1982). holm: Holm's step-down, stricter "
+        "than that bound needs; each added metric then makes an equal challenger less likely to pass.",
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The promotion gate: floors, then the paired bootstrap's comparisons, with Holm's correction."""
+"""The promotion gate: floors, then the paired bootstrap's comparisons, each at alpha or with Holm's correction."""
 
 import pytest
 
@@ -7,6 +7,7 @@ from canaryflow.evaluation.bootstrap import Comparison
 from canaryflow.evaluation.gate import decide
 
 GATE = GateConfig(floors={"bleu": 20.0}, non_inferiority={"bleu": 1.0, "chrf": 1.0})
+HOLM = GATE.model_copy(update={"correction": "holm"})
 
 
 def _c(metric: str, diff: float, p: float, threshold: float = -1.0, low: float = -0.5, high: float = 2.0):
@@ -19,16 +20,11 @@ def _c(metric: str, diff: float, p: float, threshold: float = -1.0, low: float =
         ({"bleu": 30.0}, None, True, []),  # no champion: floors alone
         ({"bleu": 19.9}, None, False, ["bleu floor"]),
         ({"chrf": 50.0}, None, False, ["bleu floor"]),  # a gated metric that was not computed fails
-        # Holm with m=2 at alpha 0.025: the smaller p must be <= 0.0125, the other <= 0.025.
-        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.02)}, True, []),
+        # Each metric at alpha 0.025, whatever the other's p-value.
+        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.025)}, True, []),
         ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.03)}, False, ["chrf vs champion"]),
-        # Both under 0.025, but the smaller is not under 0.0125: Holm stops at once and fails both.
-        (
-            {"bleu": 30.0},
-            {"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.015)},
-            False,
-            ["chrf vs champion", "bleu vs champion"],
-        ),
+        # A failing metric fails only itself: the other's check still says it passed.
+        ({"bleu": 30.0}, {"bleu": _c("bleu", 2.0, 0.3), "chrf": _c("chrf", 1.0, 0.001)}, False, ["bleu vs champion"]),
         (
             {"bleu": 10.0},
             {"bleu": _c("bleu", -20, 0.9), "chrf": _c("chrf", 0, 0.001)},
@@ -52,10 +48,26 @@ def test_gate_table(challenger, comparisons, passed, failing):
     assert len(decision.reasons) == len(decision.checks)
 
 
-def test_without_correction_each_metric_is_held_to_alpha():
-    gate = GATE.model_copy(update={"correction": "none"})
-    comparisons = {"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.015)}
-    assert decide({"bleu": 30.0}, comparisons, gate).passed is True
+def test_the_default_needs_no_correction():
+    assert GateConfig().correction == "none"
+
+
+@pytest.mark.parametrize(
+    "comparisons, failing",
+    [
+        # Holm with m=2 at alpha 0.025: the smaller p must be <= 0.0125, the other <= 0.025.
+        ({"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.02)}, []),
+        ({"bleu": _c("bleu", 2.0, 0.001), "chrf": _c("chrf", 1.0, 0.03)}, ["chrf vs champion"]),
+        # Both under 0.025, but the smaller is not under 0.0125: Holm stops at once and fails both.
+        ({"bleu": _c("bleu", 2.0, 0.02), "chrf": _c("chrf", 1.0, 0.015)}, ["chrf vs champion", "bleu vs champion"]),
+    ],
+)
+def test_holm_steps_down_and_stops_at_the_first_metric_it_cannot_pass(comparisons, failing):
+    decision = decide({"bleu": 30.0}, comparisons, HOLM)
+    assert decision.passed is not failing
+    assert [c.name for c in decision.checks if not c.passed] == failing
+    if len(failing) == 2:
+        assert "(Holm stopped at a metric before it)" in decision.reasons[-1]
 
 
 def test_a_required_improvement_is_judged_like_a_margin():
