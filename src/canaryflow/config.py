@@ -8,6 +8,7 @@ KFP boundary as JSON (`Config.model_dump_json()` / `Config.from_json()`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,6 +234,20 @@ class GateConfig(_Section):
         unknown = sorted((set(self.non_inferiority) | set(self.improvement)) - set(GATEABLE))
         if unknown:
             raise ValueError(f"cannot compare {unknown[0]!r} against the champion; use one of {', '.join(GATEABLE)}")
+        return self
+
+    @model_validator(mode="after")
+    def _enough_resamples(self) -> GateConfig:
+        # The bootstrap's smallest p-value is 1 / (resamples + 1): above the strictest level a metric is held
+        # to, no challenger could ever pass, however much better.
+        alpha = (1 - self.confidence) / 2
+        compared = len(self.thresholds())
+        strictest = alpha / compared if self.correction == "holm" and compared else alpha
+        if 1 / (self.resamples + 1) > strictest:
+            raise ValueError(
+                f"gate.resamples {self.resamples} cannot pass any challenger at level {strictest:.4g} (the smallest "
+                f"p-value is 1/{self.resamples + 1}); use at least {math.ceil(1 / strictest)}"
+            )
         return self
 
     def thresholds(self) -> dict[str, float]:

@@ -29,6 +29,7 @@ def test_set_overrides_keep_yaml_types():
         ("mlflow.retries=-1", "mlflow.retries"),
         ("canary.shadow_requests=10", "canary.shadow_requests must be 0 or at least"),
         ("canary.error_margin=0", "canary.error_margin"),
+        ("gate.confidence=0.999", "gate.resamples 1000 cannot pass any challenger at level 0.0005"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):

@@ -57,9 +57,33 @@ def decide(challenger: dict[str, float], comparisons: dict[str, Comparison] | No
         detail = (
             f"{c.challenger:.2f} vs champion {c.champion:.2f}, diff {c.diff:+.2f} "
             f"[{c.confidence:.0%} CI {c.ci_low:+.2f}, {c.ci_high:+.2f}]; {rule}: H0 diff <= {c.threshold:+.2f}, "
-            f"p={c.p_value:.4f} {'<=' if c.p_value <= limits[metric] else '>'} {limits[metric]:.4f}"
+            f"p={c.p_value:.4f} {'<=' if c.p_value <= limits[metric] else '>'} {limits[metric]:.4f}; "
+            f"{c.items} test inputs resolve ±{c.resolution:.2f}"
         )
         if not ok and c.p_value <= limits[metric]:
             detail += " (Holm stopped at a metric before it)"
         checks.append(Check(f"{metric} vs champion", ok, detail))
     return Decision.of(checks)
+
+
+def resolution_warnings(comparisons: dict[str, Comparison] | None, gate: GateConfig) -> list[str]:
+    """One line per compared metric whose margin or required improvement is finer than the test set resolves.
+
+    Such a gate still errs on the safe side, but it rejects challengers as good as the champion most of the
+    time, and a retraining pipeline that rejects equal-or-better models without saying why gets switched off.
+    """
+    lines = []
+    for metric, c in sorted((comparisons or {}).items()):
+        limit = f"what {c.items} test inputs can resolve (±{c.resolution:.2f} at {c.confidence:.0%})"
+        margin, gain = gate.non_inferiority.get(metric), gate.improvement.get(metric)
+        if margin is not None and margin < c.resolution:
+            lines.append(
+                f"gate: {metric}'s margin {margin:.2f} is below {limit}: an equal challenger fails more often than "
+                "it passes; widen the margin or the test set"
+            )
+        elif gain is not None and gain < c.resolution:
+            lines.append(
+                f"gate: {metric}'s required improvement {gain:.2f} is below {limit}: only a challenger about "
+                f"{gain + c.resolution:.2f} better passes as often as it fails; widen the test set"
+            )
+    return lines
