@@ -206,10 +206,14 @@ class GateConfig(_Section):
         default_factory=lambda: {"bleu": 15.0, "chrf": 30.0},
         description="Absolute minimum per metric for the challenger.",
     )
+    # The defaults are the demo's (configs/demo.yaml), whose 160 test inputs resolve about 3.1 BLEU and 1.0 chrF
+    # between two similar models: at a margin that fine an equal challenger fails half the time, at 1.6 times it
+    # (BLEU here) about one time in nine, at twice it (chrF) one in forty.
     non_inferiority: dict[str, float] = Field(
-        default_factory=lambda: {"bleu": 1.0, "chrf": 1.0},
+        default_factory=lambda: {"bleu": 5.0, "chrf": 2.0},
         description="Per metric, how far below the champion it may fall: passes when the paired bootstrap shows "
-        "the difference is above -margin (its confidence interval's lower end).",
+        "the difference is above -margin (its confidence interval's lower end). Keep it above what the test set "
+        "resolves (each check states it; `canaryflow run` warns when a margin is finer).",
     )
     improvement: dict[str, float] = Field(
         default_factory=dict,
