@@ -185,6 +185,12 @@ def _canary_table(canary: dict) -> Table:
     return table
 
 
+def print_gate_warnings(summary: dict, console: Console) -> None:
+    """A margin finer than the test set resolves: the verdict alone would not say why equal models fail."""
+    for warning in (summary.get("gate") or {}).get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+
+
 def render_summary(summary: dict, console: Console) -> None:
     data, train = summary.get("data") or {}, summary.get("train") or {}
     metrics = summary.get("metrics") or {}
@@ -227,6 +233,7 @@ def render_summary(summary: dict, console: Console) -> None:
     console.print(f"Gate: {verdict}[/]")
     for reason in gate.get("reasons", []):
         console.print(f"  {reason}")
+    print_gate_warnings(summary, console)
     canary = summary.get("canary") or {}
     if canary.get("steps"):
         console.print(_canary_table(canary))
@@ -260,6 +267,7 @@ def run(
     with RunProgress(console) as display:
         summary = run_lifecycle(cfg, workdir, on_line=display.line, on_phase=display.phase)
     if json_out:
+        print_gate_warnings(summary, console)
         print(json.dumps(summary))
     else:
         render_summary(summary, console)

@@ -203,7 +203,11 @@ def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
             "data": load_logged_dict(run.info.run_id, DATA_CARD),
             "train": load_logged_dict(run.info.run_id, "train/train_metrics.json"),
             "metrics": evaluation["metrics"] if evaluation else None,
-            "gate": {"passed": evaluation["gate"]["passed"], "reasons": evaluation["gate"]["reasons"]}
+            "gate": {
+                "passed": evaluation["gate"]["passed"],
+                "reasons": evaluation["gate"]["reasons"],
+                "warnings": evaluation["gate"].get("warnings", []),
+            }
             if evaluation
             else None,
             "version": tags.get("registered_version"),

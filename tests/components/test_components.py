@@ -157,9 +157,10 @@ def test_evaluate_scores_the_champion_from_the_registry(chain):
         assert result["metrics"]["champion"][name] == result["metrics"]["challenger"][name]
     # Identical systems: every resample's difference is 0, so non-inferiority by a margin is certain.
     bleu = result["comparisons"]["bleu"]
-    assert bleu["diff"] == bleu["ci_low"] == bleu["ci_high"] == 0 and bleu["p_value"] < 0.01
+    assert bleu["diff"] == bleu["ci_low"] == bleu["ci_high"] == bleu["resolution"] == 0 and bleu["p_value"] < 0.01
+    assert result["gate"]["warnings"] == []  # no margin is finer than a zero-width interval
     report = (tmp / "r2.md").read_text()
-    assert "[+0.00, +0.00] (95%)" in report and "H0: diff <= -1.00" in report
+    assert "[+0.00, +0.00] (95%)" in report and "H0: diff <= -5.00" in report
 
 
 def test_record_outcome_names_the_step_that_did_not_finish(chain):

@@ -194,7 +194,7 @@ def test_a_shifted_stream_triggers_one_retraining_and_the_cool_down_holds(lifecy
     assert set(versions) == {"1", "2", "3"}  # one retraining, not two
     assert models.aliases(cfg)["champion"] == champion_before
     assert versions["3"].tags["gate.passed"] == "false"
-    assert float(versions["3"].tags["gate.bleu.p_value"]) > 0.0125  # the statistics behind the verdict
+    assert float(versions["3"].tags["gate.bleu.p_value"]) > 0.025  # the statistics behind the verdict
     assert versions["3"].tags["gate.bleu.ci"].endswith("at 95%")
     assert "canary.verdict" not in versions["3"].tags
 

@@ -32,6 +32,7 @@ def test_set_overrides_keep_yaml_types():
         # A config from before margins were ratios: the message says where the absolute share goes now.
         ("canary.error_margin=0.05", "an absolute share goes in canary.error_floor"),
         ("canary.steps=[100]", "needs a step below 100"),
+        ("gate.confidence=0.999", "gate.resamples 1000 cannot pass any challenger at level 0.0005"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(override, message):

@@ -1,5 +1,7 @@
 """The evaluation report: the same sections in Markdown and HTML, the plot, and the examples at both ends."""
 
+import html
+
 from canaryflow.evaluation import report
 
 INPUTS = [f"input {i}" for i in range(6)]
@@ -16,7 +18,11 @@ RESULT = {
     "latency_ms": {"challenger": {"p50": 12.0, "p95": 30.0}},
     "champion_version": "4",
     "test_inputs": 6,
-    "gate": {"passed": True, "reasons": ["ok bleu vs champion: because"]},
+    "gate": {
+        "passed": True,
+        "reasons": ["ok bleu vs champion: because"],
+        "warnings": ["gate: bleu's margin 1.00 is below what 6 test inputs can resolve"],
+    },
 }
 
 
@@ -31,18 +37,19 @@ def test_best_and_worst_examples_come_from_per_example_differences():
 def test_markdown_and_html_say_the_same_things():
     built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
     md = report.markdown(built, "plot.png")
-    html = report.to_html(built)
+    page = report.to_html(built)
     for text in (
         "Gate: PASSED on 6 test inputs, against champion version 4.",
         "[+5.00, +30.00] (95%)",
-        "0.0020 (H0: diff &lt;= -1.00)",
+        "0.0020 (H0: diff <= -1.00)",
         "ok bleu vs champion: because",
+        "warning: gate: bleu's margin 1.00 is below what 6 test inputs can resolve",
         "p50 12 ms, p95 30 ms",
     ):
-        assert text in html, text
-        assert text.replace("&lt;", "<") in md, text
+        assert html.escape(text) in page, text
+        assert text in md, text
     assert "![per-example differences](plot.png)" in md
-    assert html.count("data:image/png;base64,") == 1
+    assert page.count("data:image/png;base64,") == 1
     assert md.count("| input 5 |") == 1 and "| input 5 | nothing | the answer is 5 |" in md
 
 
@@ -58,3 +65,24 @@ def test_without_a_champion_the_report_shows_the_challenger_alone():
     md = report.markdown(built)
     assert "with no champion yet" in md and "| bleu | 80.00 | - | - | - | - |" in md
     assert report.plot(built).get_title() == "per-example scores (no champion to compare with)"
+
+
+def test_the_model_card_and_the_run_summary_carry_the_gate_s_warnings():
+    import io
+
+    from rich.console import Console
+
+    from canaryflow.cli import render_summary
+    from canaryflow.config import Config
+    from canaryflow.registry.models import model_card
+
+    warning = RESULT["gate"]["warnings"][0]
+    card = model_card(Config(), {}, RESULT)
+    assert f"- ok bleu vs champion: because\n- warning: {warning}\n" in card
+    out = io.StringIO()
+    render_summary({"gate": RESULT["gate"]}, Console(file=out, width=200))
+    assert f"  ok bleu vs champion: because\nwarning: {warning}\n" in out.getvalue()
+    # A run whose evaluation holds no warnings prints none.
+    out = io.StringIO()
+    render_summary({"gate": {"passed": True, "reasons": []}}, Console(file=out, width=200))
+    assert "warning" not in out.getvalue()

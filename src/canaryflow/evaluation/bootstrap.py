@@ -8,7 +8,10 @@ metrics that are means of per-item scores (ROUGE, token F1, exact match) are res
 
 For a gate threshold t (a non-inferiority margin as -margin, or a required improvement as +delta), the
 one-sided p-value of H0 "difference <= t" uses the resamples shifted to the null (sacrebleu's approach):
-p = (1 + #{b : d_b - d >= d - t}) / (B + 1), where d is the observed difference.
+p = (1 + #{b : d_b - d >= d - t}) / (B + 1), where d is the observed difference and d_b a resample's. That
+counts the reflected resamples r_b = 2d - d_b at or below t, so the interval this test inverts is the basic
+bootstrap interval, read off the same r_b, not the percentile interval of the d_b: its lower end lies above t
+exactly when p <= alpha, so the printed interval and the verdict cannot disagree.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ _CHUNK = 100  # resamples summed at once: bounds memory at _CHUNK x items x stat
 
 @dataclass(frozen=True)
 class Comparison:
+    """One metric, challenger against champion, on the same resamples of the test items.
+
+    [ci_low, ci_high] is the basic (reflected) bootstrap interval at `confidence`, the one the p-value inverts:
+    ci_low > threshold exactly when p_value <= (1 - confidence) / 2. `resolution`, diff - ci_low, is the
+    smallest difference this test set can show at that confidence: a challenger equal to the champion passes
+    a non-inferiority margin only if the margin exceeds it.
+    """
+
     metric: str
     challenger: float
     champion: float
@@ -35,6 +46,8 @@ class Comparison:
     threshold: float  # H0: diff <= threshold (-margin for non-inferiority, +delta for a required improvement)
     p_value: float
     resamples: int
+    resolution: float
+    items: int  # test inputs resampled
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,26 +132,36 @@ def paired_bootstrap(
     """Compare the two systems on every metric in thresholds, on the same seeded resamples."""
     if n_items < 2:
         raise BadInputError(f"the test split has {n_items} input; comparing with the champion needs at least 2")
+    # integers() draws what sacrebleu's paired test draws (Generator.choice with replacement calls it), and one
+    # draw serves both systems: pairing is what keeps the difference's spread down to where they disagree.
     indices = np.random.default_rng(seed).integers(0, n_items, size=(resamples, n_items))
-    tail = (1 - confidence) / 2
+    alpha = (1 - confidence) / 2
+    # p <= alpha allows at most rank - 1 reflected resamples at or below the threshold (counted with the
+    # p-value's own arithmetic), so the interval's ends are the rank-th from either end: ci_low > t iff p <= alpha.
+    rank = int(np.count_nonzero(np.arange(1, resamples + 2) / (resamples + 1) <= alpha))
+    if rank == 0:
+        raise ValueError(f"{resamples} resamples cannot give a p-value at or below {alpha:.4g}")
     out: dict[str, Comparison] = {}
     for metric, threshold in thresholds.items():
         a, b = challenger.full(metric, n_items), champion.full(metric, n_items)
         observed = a - b
         deltas = challenger.score(metric, indices) - champion.score(metric, indices)
-        low, high = np.quantile(deltas, [tail, 1 - tail])
-        extreme = int(np.sum(deltas - observed >= observed - threshold))
+        reflected = np.sort(2 * observed - deltas)
+        low, high = float(reflected[rank - 1]), float(reflected[resamples - rank])
+        extreme = int(np.count_nonzero(reflected <= threshold))
         out[metric] = Comparison(
             metric=metric,
-            challenger=round(a, 4),
-            champion=round(b, 4),
-            diff=round(observed, 4),
-            ci_low=round(float(low), 4),
-            ci_high=round(float(high), 4),
+            challenger=a,
+            champion=b,
+            diff=observed,
+            ci_low=low,
+            ci_high=high,
             confidence=confidence,
             threshold=threshold,
-            p_value=round((1 + extreme) / (resamples + 1), 6),
+            p_value=(1 + extreme) / (resamples + 1),
             resamples=resamples,
+            resolution=observed - low,
+            items=n_items,
         )
     return out
 

@@ -3,8 +3,14 @@
 The champion comparison is statistical: each compared metric comes with the paired bootstrap's
 challenger-minus-champion difference, its confidence interval and the one-sided p-value of H0 "the
 difference is at or below the threshold" (see bootstrap.py). A metric passes when H0 is rejected at
-alpha = (1 - confidence) / 2, which for one metric is the interval's lower end lying above the threshold;
-with several metrics, Holm's step-down keeps the chance of passing any non-inferior metric by luck at alpha.
+alpha = (1 - confidence) / 2, which for one metric is the interval's lower end lying above the threshold.
+
+With several metrics no correction is needed, and none is the default: the challenger passes only if every
+metric passes, so the gate is an intersection-union test (Berger 1982). A challenger truly worse than its
+margin on some metric passes only if that metric's own test errs, which happens with probability at most
+alpha, however many other metrics there are. Holm's step-down (`gate.correction: holm`) bounds the chance
+of wrongly passing even one of the metrics, which a gate would need if any one metric passing were enough;
+for this gate it only makes each added metric a further hurdle for a challenger as good as the champion.
 """
 
 from __future__ import annotations
@@ -46,14 +52,38 @@ def decide(challenger: dict[str, float], comparisons: dict[str, Comparison] | No
     for metric in sorted(compared, key=lambda m: (p_values[m], m)):
         c = compared[metric]
         ok = not stopped and c.p_value <= limits[metric]
-        stopped = stopped or not ok
+        stopped = gate.correction == "holm" and (stopped or not ok)
         rule = "improvement" if metric in gate.improvement else "non-inferiority"
         detail = (
             f"{c.challenger:.2f} vs champion {c.champion:.2f}, diff {c.diff:+.2f} "
             f"[{c.confidence:.0%} CI {c.ci_low:+.2f}, {c.ci_high:+.2f}]; {rule}: H0 diff <= {c.threshold:+.2f}, "
-            f"p={c.p_value:.4f} {'<=' if c.p_value <= limits[metric] else '>'} {limits[metric]:.4f}"
+            f"p={c.p_value:.4f} {'<=' if c.p_value <= limits[metric] else '>'} {limits[metric]:.4f}; "
+            f"{c.items} test inputs resolve ±{c.resolution:.2f}"
         )
         if not ok and c.p_value <= limits[metric]:
             detail += " (Holm stopped at a metric before it)"
         checks.append(Check(f"{metric} vs champion", ok, detail))
     return Decision.of(checks)
+
+
+def resolution_warnings(comparisons: dict[str, Comparison] | None, gate: GateConfig) -> list[str]:
+    """One line per compared metric whose margin or required improvement is finer than the test set resolves.
+
+    Such a gate still errs on the safe side, but it rejects challengers as good as the champion most of the
+    time, and a retraining pipeline that rejects equal-or-better models without saying why gets switched off.
+    """
+    lines = []
+    for metric, c in sorted((comparisons or {}).items()):
+        limit = f"what {c.items} test inputs can resolve (±{c.resolution:.2f} at {c.confidence:.0%})"
+        margin, gain = gate.non_inferiority.get(metric), gate.improvement.get(metric)
+        if margin is not None and margin < c.resolution:
+            lines.append(
+                f"gate: {metric}'s margin {margin:.2f} is below {limit}: an equal challenger fails more often than "
+                "it passes; widen the margin or the test set"
+            )
+        elif gain is not None and gain < c.resolution:
+            lines.append(
+                f"gate: {metric}'s required improvement {gain:.2f} is below {limit}: only a challenger about "
+                f"{gain + c.resolution:.2f} better passes as often as it fails; widen the test set"
+            )
+    return lines

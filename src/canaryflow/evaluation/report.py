@@ -160,7 +160,7 @@ def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]
     return [
         ("Summary", summary),
         ("Metrics", _metric_rows(result)),
-        ("Gate reasons", list(gate["reasons"])),
+        ("Gate reasons", [*gate["reasons"], *(f"warning: {w}" for w in gate.get("warnings", []))]),
         (
             "Examples the challenger did best on" if compared else "Best examples",
             _example_rows(report.best, compared, report.unit),

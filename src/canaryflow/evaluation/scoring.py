@@ -12,7 +12,7 @@ from canaryflow.config import Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.evaluation import report
 from canaryflow.evaluation.bootstrap import Comparison, ItemScores, paired_bootstrap
-from canaryflow.evaluation.gate import decide
+from canaryflow.evaluation.gate import decide, resolution_warnings
 from canaryflow.inference.predictor import load_predictor
 from canaryflow.stats import percentile
 
@@ -113,7 +113,7 @@ def evaluate_models(
         "latency_ms": latency,
         "champion_version": champion[0] if champion else None,
         "test_inputs": len(inputs),
-        "gate": decision.to_dict(),
+        "gate": {**decision.to_dict(), "warnings": resolution_warnings(comparisons, cfg.gate)},
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,7 @@ def _version_tags(cfg: Config, run_key: str, run_id: str, evaluation: dict, line
         tags[f"gate.{metric}.ci"] = f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] at {c['confidence']:.0%}"
         tags[f"gate.{metric}.p_value"] = f"{c['p_value']:.6f}"
         tags[f"gate.{metric}.threshold"] = f"{c['threshold']:+.4f}"
+        tags[f"gate.{metric}.resolution"] = f"{c['resolution']:.4f}"
     return tags
 
 
@@ -215,6 +216,7 @@ def model_card(cfg: Config, tags: dict[str, str], evaluation: dict) -> str:
     lines += ["", "| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.2f} |" for k, v in metrics.items()]
     gate = evaluation["gate"]
     lines += ["", f"Gate: {'passed' if gate['passed'] else 'failed'}.", ""] + [f"- {r}" for r in gate["reasons"]]
+    lines += [f"- warning: {w}" for w in gate.get("warnings", [])]
     return "\n".join(lines) + "\n"
 
 
