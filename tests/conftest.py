@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Under CI=true a skip is a failure (tests/ci_skips.py).
+pytest_plugins = ["tests.ci_skips"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Set before any test imports transformers/datasets/evaluate, which read these at import time.
@@ -73,6 +76,7 @@ QUICK_CANARY = [
     "canary.min_requests_per_step=20",
     "canary.error_floor=0.08",  # below the 10 % error drill, so only a rollback can end it
     "canary.slow_floor=0.3",
+    "canary.slow_tolerance=1.5",  # scheduling noise on a loaded 2-core machine is not a regression
     "canary.quality_margin=0.2",
     "canary.max_error_rate=0.2",
 ]
