@@ -23,8 +23,9 @@ The tests. Per SLI the controller asks how much worse the challenger is, delta =
 - smoke check (no champion): the challenger's own CS against an absolute limit.
 
 Promotion. The steps before the deciding one (the last below 100 %) advance once they have seen
-`min_requests_per_step` challenger requests and nothing is surely harmful: they bound how many users a bad
-challenger reaches while the rollback tests, which never stop, gather evidence. The deciding step must
+`min_requests_per_step` challenger requests, nothing is surely harmful and nothing leans towards harm (see
+`look`): they bound how many users a bad challenger reaches while the rollback tests, which never stop,
+gather evidence. The deciding step must
 also prove every margin on its own requests (per-step streams, so earlier steps at lower load neither
 promote it nor dilute it): for errors and slow requests the challenger's rate surely under `*_margin` times
 the champion's or within `*_floor` of it (`margin`), for quality within `quality_margin`. Its CSs are
@@ -239,6 +240,7 @@ class Evidence:
         self.events: dict[tuple[str, str], EventTest] = {}  # (sli, "steps" | "shadow")
         # Steps below 100 % carry evidence on the ratio (at 100 % the champion serves nothing).
         self._starts = sum(w < 100 for w in policy.steps)
+        self._step = 0
 
     def stream(self, sli: str, variant: str) -> Stream | None:
         return self.streams.get((sli, variant))
@@ -268,7 +270,7 @@ class Evidence:
         if key not in self.events:
             starts = self._starts if phase == "steps" else 1
             test = EventTest(self.alpha, getattr(self.policy, f"{sli}_tolerance"), starts)
-            test.restart(getattr(self, "_step", 0))
+            test.restart(self._step)
             self.events[key] = test
         return self.events[key]
 
@@ -413,7 +415,7 @@ def bounds(evidence: Evidence, policy: CanaryConfig, phase: str) -> list[Bound]:
 def deciding_step(steps: list[int]) -> int:
     """The index of the step that must prove every margin: the last below 100 %, the highest weight at which
     the champion still serves alongside. The steps before it advance once they have their minimum of
-    requests and no harm is found: they limit how many users a bad challenger reaches while the rollback
+    requests and no harm is found or leaning: they limit how many users a bad challenger reaches while the rollback
     tests, which never stop, gather evidence; proof at a low weight would cost the most requests."""
     return max(i for i, weight in enumerate(steps) if weight < 100)
 
