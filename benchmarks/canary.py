@@ -83,13 +83,13 @@ def fixed_check(
 
 
 def sequential(challenger: Variant, seed: int) -> tuple[str, int]:
-    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed), True)
-    return outcome["verdict"], outcome["requests_to_decision"]
+    verdict, _, requests, _ = challenger_requests(challenger, seed)
+    return verdict, requests
 
 
-def challenger_requests(challenger: Variant, seed: int, loaded=None) -> tuple[str, int, int, dict]:
+def challenger_requests(challenger: Variant, seed: int, loaded=None, rate=50.0) -> tuple[str, int, int, dict]:
     """(verdict, challenger requests, all requests, the last step) of one canaryflow canary."""
-    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed, loaded=loaded), True)
+    outcome = drive(CanaryConfig(), SimulatedTraffic(HEALTHY, challenger, seed, rate, loaded), True)
     mine = sum(s["challenger"]["requests"] for s in outcome["steps"])
     return outcome["verdict"], mine, outcome["requests"], outcome["steps"][-1]
 
@@ -130,9 +130,8 @@ def healthy_by_rate(runs: int) -> list[str]:
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for rate in HEALTHY_RATES:
-        traffic = [SimulatedTraffic(HEALTHY, HEALTHY, 20_000 + seed, rate) for seed in range(runs)]
-        outcomes = [(o["verdict"], o["requests"]) for o in (drive(CanaryConfig(), each, True) for each in traffic)]
-        promoted = [n for verdict, n in outcomes if verdict == "promoted"]
+        outcomes = [challenger_requests(HEALTHY, 20_000 + seed, rate=rate) for seed in range(runs)]
+        promoted = [total for verdict, _, total, _ in outcomes if verdict == "promoted"]
         lines.append(f"| {rate} req/s | {_verdicts(outcomes, runs)} | {_spread(promoted)} |")
     return lines
 

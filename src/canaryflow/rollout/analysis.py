@@ -350,6 +350,12 @@ def margin(policy: CanaryConfig, sli: str, champion_low: float | None) -> float:
     return max((getattr(policy, f"{sli}_margin") - 1) * champion_low, floor)
 
 
+def _tolerance(policy: CanaryConfig, sli: str) -> float:
+    """The roll-back threshold on delta. An event SLI's tolerance is a rate ratio, its EventTest's; its delta
+    bound rolls nothing back, so 0 there is only shown."""
+    return 0.0 if sli in EVENT_SLIS else policy.quality_tolerance
+
+
 def bound_steps(sli: str, evidence: Evidence, policy: CanaryConfig, test: EventTest | None) -> Bound | None:
     """One SLI in a traffic step: promoted on the step's own two-sample bound, rolled back on the whole
     canary's (quality) or on the event test (errors, slow requests)."""
@@ -365,9 +371,8 @@ def bound_steps(sli: str, evidence: Evidence, policy: CanaryConfig, test: EventT
     else:
         high, limit = step_c.high - step_b.low, margin(policy, sli, step_b.low)
         estimate, n = step_c.mean - step_b.mean, step_c.n
-    tolerance = 0.0 if sli in EVENT_SLIS else policy.quality_tolerance
     ratio = getattr(policy, f"{sli}_margin") if sli in EVENT_SLIS else None
-    return Bound(sli, low, high, tolerance, limit, estimate, n, test=test, ratio_margin=ratio)
+    return Bound(sli, low, high, _tolerance(policy, sli), limit, estimate, n, test=test, ratio_margin=ratio)
 
 
 def bound_paired(sli: str, paired: Stream | None, policy, test: EventTest | None = None) -> Bound | None:
@@ -375,11 +380,8 @@ def bound_paired(sli: str, paired: Stream | None, policy, test: EventTest | None
     SLI's margin there is its floor."""
     if paired is None or not paired.n:
         return None
-    tolerance = 0.0 if sli in EVENT_SLIS else policy.quality_tolerance
-    return Bound(
-        sli, 2 * paired.low - 1, 2 * paired.high - 1, tolerance, margin(policy, sli, None), 2 * paired.mean - 1,
-        paired.n, test=test,
-    )  # fmt: skip
+    low, high, estimate = 2 * paired.low - 1, 2 * paired.high - 1, 2 * paired.mean - 1
+    return Bound(sli, low, high, _tolerance(policy, sli), margin(policy, sli, None), estimate, paired.n, test=test)
 
 
 def smoke_limits(policy: CanaryConfig) -> dict[str, float]:
