@@ -125,6 +125,9 @@ def test_a_step_before_the_deciding_one_advances_on_its_minimum_unless_harm_is_f
     assert 0 < leaning.log_e < leaning.log_threshold
     with_test = Bound("error", -0.01, 0.08, 0.0, 0.05, 0.005, 100, test=leaning)  # not yet proven safe
     assert look([with_test, _bound("slow")], 60, 1, POLICY, deciding=False).action == CONTINUE
+    # Where the champion serves nothing a lean cannot resolve, so it holds nothing; harm still rolls back.
+    assert look([with_test, _bound("slow")], 60, 1, POLICY, deciding=False, champion_serves=False).action == PROMOTE
+    assert look([_bound(low=0.01)], 60, 1, POLICY, deciding=False, champion_serves=False).action == ROLLBACK
     assert analysis.deciding_step([10, 25, 50, 100]) == 2 and analysis.deciding_step([5, 100]) == 0
 
 
@@ -263,6 +266,9 @@ def test_healthy_canaries_are_rarely_rolled_back():
     assert rolled_back <= policy.alpha
     looks = [len(o["timeline"]) for o in outcomes]
     assert min(looks) > 10  # the rate holds over many looks per canary, not one final check
+    # Past the deciding step, at 100 %, only harm can stop a healthy challenger: a lean carried over from the
+    # step before cannot resolve where the champion serves nothing, so it must not hold the step.
+    assert not [o["reason"] for o in outcomes if o["steps"][-1]["weight"] == 100 and o["verdict"] != "promoted"]
 
 
 def test_bad_canaries_are_rolled_back_early():

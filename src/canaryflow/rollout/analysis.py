@@ -469,10 +469,11 @@ def look(
     limit_requests: int | None = None,
     deciding: bool = True,
     limit_seconds: float | None = None,
+    champion_serves: bool = True,
 ) -> Look:
     """Decide after one batch: roll back on any surely harmful SLI; promote once the step has its minimum of
     challenger requests and, if it is `deciding`, every SLI with data is surely safe (if not, once no SLI
-    leans towards harm); at the step's limit
+    leans towards harm, where the `champion_serves` alongside so that a lean can resolve); at the step's limit
     (`limit_requests`, default `canary.max_requests_per_step`, or `limit_seconds`, default
     `canary.max_step_seconds`) an undecided step is INCONCLUSIVE; else continue."""
     harmful = [b for b in found if b.harmful]
@@ -489,7 +490,12 @@ def look(
     # beyond its margin, or any evidence for the event test's alternatives): a bad challenger is then judged
     # where it reaches the fewest users. Measured on simulated canaries (1 % -> 5 % errors), the median
     # challenger requests to roll back fall by a quarter; healthy ones advance as before.
+    # Where the champion serves nothing (the 100 % step after the deciding one) no request can tell the variants
+    # apart, so a lean carried over from the step before could never resolve: it would hold a healthy challenger
+    # until the step's limit (9 of 200 simulated healthy canaries ended inconclusive so). The rollback tests
+    # still run there.
     leaning = [b for b in found if b.estimate >= b.margin or (b.test is not None and b.test.log_e > 0)]
+    leaning = leaning if champion_serves else []
     if enough and (proven or (not deciding and not leaning)):
         return Look(PROMOTE, tuple(checks))
     limit = limit_requests or policy.max_requests_per_step
