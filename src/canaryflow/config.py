@@ -391,11 +391,14 @@ class CanaryConfig(_Section):
         50, gt=0, description="Challenger requests a step must see before it may be promoted."
     )
     max_requests_per_step: int = Field(
-        3000, gt=0, description="Challenger requests after which a step is undecided: it is extended "
-        "(undecided_extensions), then the canary ends inconclusive."
+        3000,
+        gt=0,
+        description="Challenger requests after which a step is undecided: it is extended "
+        "(undecided_extensions), then the canary ends inconclusive.",
     )
-    max_step_seconds: float = Field(600.0, gt=0, description="Seconds after which a step is undecided, as for "
-                                    "max_requests_per_step.")
+    max_step_seconds: float = Field(
+        600.0, gt=0, description="Seconds after which a step is undecided, as for max_requests_per_step."
+    )
     batch_requests: int = Field(20, gt=0, description="Requests replayed between two looks (local backend).")
     alpha: float = Field(
         0.05, gt=0, lt=0.5, description="Bound on the chance of rolling back a healthy challenger, over all looks."

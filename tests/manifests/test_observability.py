@@ -61,8 +61,9 @@ def _resolved(expr: str) -> str:
 
 
 def _isvc() -> dict:
-    docs = yaml.safe_load_all((MANIFESTS / "base" / "inferenceservice.yaml").read_text())
-    return next(d for d in docs if d and d["kind"] == "InferenceService")
+    from tests.manifests.test_manifests import _base_isvc
+
+    return _base_isvc()
 
 
 def _kustomization() -> dict:
@@ -333,24 +334,19 @@ def test_the_built_objects_and_the_generated_configmap():
     import kubernetes_validate
 
     objects = build("observability")
-    assert sorted(o["kind"] for o in objects) == ["PodMonitor", "PrometheusRule"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
     for obj in objects:
-        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
         assert obj["metadata"]["namespace"] == "canaryflow"
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "canaryflow"
-    k = _kustomization()
-    generator = k["configMapGenerator"][0]
-    configmap = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": generator["name"],
-            "namespace": k["namespace"],
-            "labels": {**generator["options"]["labels"], "app.kubernetes.io/part-of": "canaryflow"},
-        },
-        "data": {f: (OBSERVABILITY / f).read_text() for f in generator["files"]},
-    }
+    generator = _kustomization()["configMapGenerator"][0]
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
     kubernetes_validate.validate(configmap, K8S_VERSION, strict=True)
+    # The name the sidecar's users look for, no hash suffix; the label it watches; the dashboard as it is.
+    assert configmap["metadata"]["name"] == generator["name"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["data"] == {f: (OBSERVABILITY / f).read_text() for f in generator["files"]}
+    for kind, plural in (("PodMonitor", "podmonitors"), ("PrometheusRule", "prometheusrules")):
+        _crd_schema(plural).validate(next(o for o in objects if o["kind"] == kind))
 
 
 def test_the_podmonitor_scrapes_the_inferenceservices_predictors():

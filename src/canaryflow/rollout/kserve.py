@@ -98,9 +98,9 @@ def storage_uri(artifact_uri: str, artifacts_destination: str | None = None) -> 
 
 
 def inference_service(name: str, storage: str, namespace: str | None = None, version: str | None = None) -> dict:
-    """The InferenceService that serves `storage` on canaryflow's runtime: manifests/base/inferenceservice.yaml in
-    Python (a test holds the two equal), for the canary step to create when the manifests were never applied
-    (the ClusterServingRuntime must have been: it is cluster-scoped, beyond the step's Role)."""
+    """The InferenceService that serves `storage` on canaryflow's runtime: manifests/serving/base/
+    inferenceservice.yaml in Python (a test holds the two equal), for the canary step to create when it was never
+    created (the ClusterServingRuntime must have been applied: it is cluster-scoped, beyond the step's Role)."""
     metadata: dict[str, Any] = {
         "name": name,
         "labels": {"app.kubernetes.io/part-of": "canaryflow"},
