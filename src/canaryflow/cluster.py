@@ -471,7 +471,11 @@ def submit(
         package, parameters = _compiled(cfg, tmp)
         with connection.calling("creating the run (POST /apis/v2beta1/runs)"):
             result = connection.client.create_run_from_pipeline_package(
-                package, arguments=parameters, run_name=run_name, experiment_id=experiment_id
+                package,
+                arguments=parameters,
+                run_name=run_name,
+                experiment_id=experiment_id,
+                service_account=cfg.cluster.service_account,
             )
     return {
         "run_id": result.run_id,
@@ -530,6 +534,7 @@ def schedule(
                 no_catchup=not catchup,
                 params=parameters,
                 pipeline_package_path=package,
+                service_account=cfg.cluster.service_account,
             )
     return {
         "recurring_run_id": created.recurring_run_id,

@@ -300,6 +300,7 @@ def test_submit_creates_the_missing_experiment_and_sends_the_compiled_pipeline(k
     assert kfp.body("POST", f"{API}/experiments")["display_name"] == "nightly"
     run = kfp.body("POST", f"{API}/runs")
     assert run["experiment_id"] == "exp-new-0"
+    assert run["service_account"] == cfg.cluster.service_account == "canaryflow-runner"
     assert run["display_name"].startswith(f"{cfg.registry.model_name} ")
     _assert_carries_the_pipeline(run, compiled)
     assert {r["headers"].get("authorization") for r in kfp.requests} == {"Bearer s3cret"}
@@ -458,6 +459,7 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catch_up(kfp, cf
     assert body["mode"] == "ENABLE"
     assert body["experiment_id"] == "exp-new-0"
     assert body["display_name"] == f"{cfg.registry.model_name} retraining"
+    assert body["service_account"] == cfg.cluster.service_account == "canaryflow-runner"
     _assert_carries_the_pipeline(body, compiled)
     assert {r["headers"].get("authorization") for r in kfp.requests} == {"Bearer s3cret"}
     assert result["url"] == f"{kfp.url}/#/recurringrun/details/rr-0"
@@ -689,3 +691,32 @@ def test_drift_watch_with_kfp_unreachable_is_one_line_and_tries_again_next_time(
     )
     assert code == 1 and _one_line(err).startswith(f"error: cannot reach KFP at {host}")
     assert not (drifted_log / "drift-watch.json").exists()  # no run began, so no cool-down either
+
+
+# --- the identity runs execute as -----------------------------------------------------------------------------
+
+
+def test_runs_and_recurring_runs_take_the_configured_service_account(kfp):
+    args = ("--host", kfp.url, "--set", "cluster.service_account=team-runner", "--json")
+    assert run_cli("submit", *args, timeout=120).returncode == 0
+    assert run_cli("schedule", "--cron", "0 0 3 * * *", *args, timeout=120).returncode == 0
+    assert kfp.body("POST", f"{API}/runs")["service_account"] == "team-runner"
+    assert kfp.body("POST", f"{API}/recurringruns")["service_account"] == "team-runner"
+
+
+def test_without_a_service_account_kfp_chooses_its_default(kfp, cfg):
+    # KFP then runs the steps as pipeline-runner, or default-editor on multi-user Kubeflow
+    # (backend/src/apiserver/template/template.go setDefaultServiceAccount, tag 2.17.0).
+    unnamed = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"service_account": None})})
+    cluster.submit(unnamed, kfp.url)
+    cluster.schedule(unnamed, kfp.url, "0 0 3 * * *")
+    assert "service_account" not in kfp.body("POST", f"{API}/runs")
+    assert "service_account" not in kfp.body("POST", f"{API}/recurringruns")
+
+
+def test_a_service_account_that_is_no_kubernetes_name_is_one_line_exit_2_and_sends_nothing(kfp):
+    result = run_cli("submit", "--host", kfp.url, "--set", "cluster.service_account=Team_Runner", timeout=120)
+    assert result.returncode == 2
+    assert "cluster.service_account" in _one_line(result.stderr)
+    assert "'Team_Runner' is not a Kubernetes name" in result.stderr
+    assert kfp.requests == []
