@@ -292,10 +292,11 @@ HostOpt = Annotated[
     str | None,
     typer.Option(
         "--host",
-        help="The KFP API endpoint: https://kubeflow.example.com/pipeline, or http://localhost:8080 through "
-        "`kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow` (default: $KF_PIPELINES_ENDPOINT). "
-        "Without one, KFP is reached as kubectl reaches the cluster: in a pod through its service, elsewhere "
-        "through the kubeconfig's API server and credentials.",
+        help="The KFP API endpoint: on multi-user Kubeflow its gateway, https://kubeflow.example.com/pipeline, "
+        "with --token; or http://localhost:8080 through `kubectl port-forward svc/ml-pipeline-ui 8080:80 -n "
+        "kubeflow` (default: $KF_PIPELINES_ENDPOINT). Without one, KFP is reached as kubectl reaches the cluster: "
+        "in a pod through its service, elsewhere through the kubeconfig's API server, whose proxy carries no user "
+        "identity, so standalone KFP only.",
     ),
 ]
 KubeContextOpt = Annotated[
@@ -312,8 +313,8 @@ NamespaceOpt = Annotated[
     str | None,
     typer.Option(
         "--namespace",
-        help="The experiment's namespace on multi-user Kubeflow (default: kfp's: the pod's own namespace, or the "
-        "one saved in ~/.config/kfp/context.json).",
+        help="The experiment's namespace on multi-user Kubeflow: a profile the token's identity may use "
+        "(default: kfp's: the pod's own namespace, or the one saved in ~/.config/kfp/context.json).",
     ),
 ]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KFP_TOKEN", help=AUTH_HELP)]

@@ -40,13 +40,24 @@ AUTH_HELP = (
     "service-account token ($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token); "
     "elsewhere what kfp.Client sends for an explicit host (the cookie or header saved in "
     "~/.config/kfp/context.json, a Google token for a *.googleusercontent.com host), else nothing, "
-    "as through `kubectl port-forward`. Without --host the kubeconfig's credentials are used instead."
+    "as through `kubectl port-forward`. Without --host the kubeconfig's credentials are used instead, which "
+    "multi-user Kubeflow never sees: the API server's proxy drops them."
 )
 # Without --host, kfp.Client reaches the ml-pipeline service through the Kubernetes API server's service proxy
-# (or its in-cluster DNS name inside a pod), in the namespace KFP is installed in.
+# (or its in-cluster DNS name inside a pod), in the namespace KFP is installed in. That route serves standalone KFP
+# only: the API server deletes Authorization once it has authenticated the caller
+# (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/filters/authentication.go, v1.32) and adds no
+# kubeflow-userid, so multi-user ml-pipeline finds no identity at all.
 KFP_NAMESPACE = "kubeflow"
 KUBE_UI_PROXY_PATH = "api/v1/namespaces/{}/services/ml-pipeline-ui:80/proxy"
 IN_CLUSTER_UI = "http://ml-pipeline-ui.{}.svc.cluster.local"
+
+# What multi-user ml-pipeline says when a request carries neither kubeflow-userid nor a bearer token
+# (kubeflow/pipelines backend/src/apiserver/auth/auth.go, IdentityHeaderMissingError, tag 2.17.0), and when a
+# multi-user request names no namespace (backend/src/apiserver/server/experiment_server.go, canAccessExperiment).
+NO_IDENTITY = "there is no user identity header"
+NO_NAMESPACE = "cannot have an empty namespace in multi-user mode"
+MULTI_USER_FIX = "give --host https://<kubeflow>/pipeline (the Kubeflow gateway) and --token or KFP_TOKEN"
 
 CRON_SHAPE = "SEC MIN HOUR DOM MON DOW"
 _MONTHS = {name: i for i, name in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), start=1)}
@@ -248,10 +259,11 @@ def _bounded_client_class():
     return BoundedClient
 
 
-def _kubeconfig_route(context: str | None) -> tuple[str, str, str]:
-    """Where kfp.Client goes without a host, as (API endpoint, UI address, credentials in words): inside a pod
-    the in-cluster service, else the kubeconfig's API server and user. A missing or unusable kubeconfig is
-    BadInputError here, before kfp would print "Failed to load kube config." and try localhost."""
+def _kubeconfig_route(context: str | None) -> tuple[str, str, str, bool]:
+    """Where kfp.Client goes without a host, as (API endpoint, UI address, credentials in words, whether through
+    the API server's proxy): inside a pod the in-cluster service, else the kubeconfig's API server and user. A
+    missing or unusable kubeconfig is BadInputError here, before kfp would print "Failed to load kube config." and
+    try localhost."""
     from kubernetes import client as k8s_client
     from kubernetes import config as k8s_config
 
@@ -264,6 +276,7 @@ def _kubeconfig_route(context: str | None) -> tuple[str, str, str]:
             f"http://ml-pipeline.{KFP_NAMESPACE}.svc.cluster.local:8888",
             IN_CLUSTER_UI.format(KFP_NAMESPACE),
             "the pod's service account",
+            False,
         )
     from kubernetes.config import kube_config
 
@@ -281,7 +294,8 @@ def _kubeconfig_route(context: str | None) -> tuple[str, str, str]:
     server = loaded.host.rstrip("/")
     proxy = f"{server}/api/v1/namespaces/{KFP_NAMESPACE}/services/ml-pipeline:http/proxy"
     user = f"context {context!r}" if context else "current context"
-    return proxy, f"{server}/{KUBE_UI_PROXY_PATH.format(KFP_NAMESPACE)}", f"the kubeconfig's credentials ({user})"
+    ui = f"{server}/{KUBE_UI_PROXY_PATH.format(KFP_NAMESPACE)}"
+    return proxy, ui, f"the kubeconfig's credentials ({user})", True
 
 
 class Connection:
@@ -296,6 +310,7 @@ class Connection:
         self, host: str | None, token: str | None, timeout: tuple[float, float], kube_context: str | None = None
     ):
         self.timeout = timeout
+        self.through_proxy = False
         host = host or os.environ.get("KF_PIPELINES_ENDPOINT")  # kfp.Client's own fallback, kept in view here
         if host:
             if kube_context:
@@ -308,7 +323,7 @@ class Connection:
                 raise BadInputError(
                     "a token (--token or KFP_TOKEN) needs --host: without one the kubeconfig's credentials are used"
                 )
-            self.host, self.ui, self.credentials = _kubeconfig_route(kube_context)
+            self.host, self.ui, self.credentials, self.through_proxy = _kubeconfig_route(kube_context)
             kwargs = {"host": None, "kube_context": kube_context, "namespace": KFP_NAMESPACE, "ui_host": self.ui}
         with self.calling("connecting (GET /apis/v2beta1/healthz)"):
             self.client = _bounded_client_class()(timeout=tuple(timeout), **kwargs)
@@ -366,13 +381,38 @@ class Connection:
         what = f"HTTP {status} {exc.reason or ''}".strip()
         detail = _detail(exc.body)
         said = f"{what}: {detail}" if detail else what
+        body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        multi_user = next((words for words in (NO_IDENTITY, NO_NAMESPACE) if words in body), None)
+        if multi_user and self.through_proxy:
+            # Whatever multi-user ml-pipeline says first (no namespace comes before no identity), this route can
+            # never carry an identity, so that is the one fix worth naming.
+            return CanaryflowError(
+                f'KFP at {self.host} is multi-user Kubeflow and said "{multi_user}" while {doing} ({what}): '
+                "the kubeconfig route goes through the API server's service proxy, which drops Authorization and "
+                f"adds no user identity, so it serves standalone KFP only; {MULTI_USER_FIX}"
+            )
+        if multi_user == NO_IDENTITY:
+            # ml-pipeline's own chain of wrapped errors says nothing more than this, and runs over a line.
+            if self.credentials is None:
+                return CanaryflowError(
+                    f'KFP at {self.host} is multi-user and got no user identity while {doing} ({what}: "{NO_IDENTITY}"'
+                    "): no credentials were sent: give --token or set KFP_TOKEN"
+                )
+        if multi_user == NO_NAMESPACE:
+            return CanaryflowError(
+                f"KFP at {self.host} is multi-user and needs a namespace while {doing} ({what}): give --namespace, "
+                "your Kubeflow profile's namespace"
+            )
         if status in (401, 403):
             if self.credentials is None:
                 hint = "no credentials were sent: give --token or set KFP_TOKEN"
             elif status == 401:
                 hint = f"{self.credentials} was not accepted"
             else:  # a gateway's RBAC says 403 for an unknown identity too, so both readings are given
-                hint = f"{self.credentials} was refused or may not do this (on multi-user Kubeflow see --namespace)"
+                hint = (
+                    f"{self.credentials} was refused or may not do this (on multi-user Kubeflow: is --namespace "
+                    "a profile this identity may use?)"
+                )
             return CanaryflowError(f"KFP at {self.host} refused {doing} ({said}); {hint}")
         if 300 <= status < 400:
             location = (exc.headers or {}).get("Location") or "elsewhere"
@@ -471,7 +511,11 @@ def submit(
         package, parameters = _compiled(cfg, tmp)
         with connection.calling("creating the run (POST /apis/v2beta1/runs)"):
             result = connection.client.create_run_from_pipeline_package(
-                package, arguments=parameters, run_name=run_name, experiment_id=experiment_id
+                package,
+                arguments=parameters,
+                run_name=run_name,
+                experiment_id=experiment_id,
+                service_account=cfg.cluster.service_account,
             )
     return {
         "run_id": result.run_id,
@@ -530,6 +574,7 @@ def schedule(
                 no_catchup=not catchup,
                 params=parameters,
                 pipeline_package_path=package,
+                service_account=cfg.cluster.service_account,
             )
     return {
         "recurring_run_id": created.recurring_run_id,

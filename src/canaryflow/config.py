@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -634,6 +635,23 @@ class ClusterConfig(_Section):
         ],
         description="Secrets every step gets as environment variables: MLflow, S3/MinIO, the HF token.",
     )
+    # Runs and recurring runs execute as this ServiceAccount, not as the namespace's default-editor (which
+    # holds kubeflow-edit): manifests/base/rbac.yaml grants it what the KFP driver, launcher and the steps call.
+    service_account: str | None = Field(
+        "canaryflow-runner",
+        description="Kubernetes ServiceAccount that every step of a submitted or scheduled run executes as "
+        "(manifests/base/rbac.yaml); null leaves it to KFP: pipeline-runner, or default-editor on multi-user "
+        "Kubeflow.",
+    )
+
+    @field_validator("service_account")
+    @classmethod
+    def _kubernetes_name(cls, value: str | None) -> str | None:
+        # A ServiceAccount's name is a DNS-1123 subdomain; KFP would only fail the run once Argo tried it.
+        subdomain = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+        if value is not None and not (len(value) <= 253 and re.fullmatch(subdomain, value)):
+            raise ValueError(f"{value!r} is not a Kubernetes name: lowercase letters, digits, '-' and '.'")
+        return value
 
 
 class Config(_Section):

@@ -62,6 +62,7 @@ from canaryflow.rollout.kserve import (
 )
 from canaryflow.serving.http import LATENCY_BUCKETS
 from tests.manifests.test_manifests import MANIFESTS, _base_isvc, _docs, _merge, isvc_schema  # noqa: F401
+from tests.manifests.test_rbac import compiled_pipeline, kfp_backend_calls, role_grants
 from tests.servers import free_port
 
 NS, NAME = "canary-ns", "canaryflow-demo"
@@ -951,7 +952,7 @@ def test_no_cluster_and_no_kubeconfig_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(caught.value)
 
 
-def test_role_grants_exactly_what_the_backend_calls(kserve):
+def test_role_grants_exactly_what_the_runs_pods_call(kserve):
     # A whole canary of its own, so that the comparison holds when this test runs alone.
     backend, fake, _ = kserve(seed=None)
     backend.lease = _lease(fake)
@@ -962,14 +963,14 @@ def test_role_grants_exactly_what_the_backend_calls(kserve):
         backend.promote()
         backend.rollback()
     docs = {d["kind"]: d for d in _docs(MANIFESTS / "base" / "rbac.yaml")}
-    rules = docs["Role"]["rules"]
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == CALLED
-    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in rules)
+    # The canary step's calls, on any name (they come from config), and what KFP and Argo call in every pod.
+    canary = {(group, plural, verb, None) for group, plural, verb in CALLED}
+    assert role_grants(docs["Role"]) == canary | kfp_backend_calls(compiled_pipeline())
+    account = load_config().cluster.service_account
+    assert docs["ServiceAccount"]["metadata"]["name"] == docs["Role"]["metadata"]["name"] == account
     binding = docs["RoleBinding"]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "canaryflow-canary"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": docs["ServiceAccount"]["metadata"]["name"]}]
-    assert docs["Role"]["metadata"]["name"] == "canaryflow-canary"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
     assert "rbac.yaml" in _docs(MANIFESTS / "base" / "kustomization.yaml")[0]["resources"]
 
 

@@ -26,15 +26,26 @@ API = "/apis/v2beta1"
 
 class FakeKFP:
     """Answers as the KFP v2beta1 REST API does, from memory. `refuse` answers every request with that HTTP
-    status (Istio's plain-text RBAC denial for 403); `redirect` answers every request with a login redirect."""
+    status (Istio's plain-text RBAC denial for 403); `redirect` answers every request with a login redirect.
+
+    `users` makes it multi-user ml-pipeline (MULTIUSER=true), which knows these bearer tokens as
+    {token: (user, namespaces the user may use)}: the TokenReview and the SubjectAccessReview it would ask the
+    Kubernetes API for. Behind `prefix` (an API server's service proxy) it never sees Authorization."""
 
     def __init__(
-        self, experiments: tuple[str, ...] = (), refuse: int | None = None, redirect: bool = False, prefix: str = ""
+        self,
+        experiments: tuple[str, ...] = (),
+        refuse: int | None = None,
+        redirect: bool = False,
+        prefix: str = "",
+        users: dict[str, tuple[str, set[str]]] | None = None,
     ):
         self.prefix = prefix  # where the API is mounted: "" as ml-pipeline serves it, or an API server's proxy path
+        self.users = users
         self.requests: list[dict] = []
         self.experiments = [
-            {"experiment_id": f"exp-existing-{i}", "display_name": n} for i, n in enumerate(experiments)
+            {"experiment_id": f"exp-existing-{i}", "display_name": n, "namespace": ""}
+            for i, n in enumerate(experiments)
         ]
         self.recurring: list[dict] = []
         self.refuse, self.redirect = refuse, redirect
@@ -84,8 +95,66 @@ class FakeKFP:
         if self.refuse:
             return self.send(handler, self.refuse, b"RBAC: access denied", content_type="text/plain")
         path = url.path.removeprefix(self.prefix) if url.path.startswith(self.prefix + "/") else "(outside prefix)"
-        status, answer = self.answer(handler.command, path, query, json.loads(raw) if raw else {})
+        body = json.loads(raw) if raw else {}
+        # The API server deletes Authorization once it has authenticated the caller, before proxying
+        # (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/filters/authentication.go, v1.32).
+        seen = None if self.prefix else handler.headers.get("Authorization")
+        refused = self.multi_user_refusal(handler.command, path, query, body, seen) if self.users is not None else None
+        status, answer = refused or self.answer(handler.command, path, query, body)
         self.send(handler, status, json.dumps(answer).encode())
+
+    # --- multi-user ml-pipeline, as kubeflow/pipelines tag 2.17.0 answers ---------------------------------
+
+    def multi_user_refusal(self, method: str, path: str, query: dict, body: dict, authorization: str | None):
+        """Why multi-user ml-pipeline refuses the request, as (status, gateway error body), or None.
+
+        The order is upstream's: experiment_server.go canAccessExperiment (and run_server.go / recurring_run
+        alike) refuses an empty namespace before resource_manager.go IsAuthorized looks for an identity; that
+        tries auth/auth.go GetAuthenticators in turn (the kubeflow-userid header, then a bearer token through
+        a TokenReview), then asks a SubjectAccessReview for the namespace."""
+        if path == f"{API}/healthz":
+            return None
+        doing = {
+            ("GET", f"{API}/experiments"): "List experiments failed",
+            ("POST", f"{API}/experiments"): "Failed to create a experiment",
+            ("POST", f"{API}/runs"): "Failed to create a run",
+            ("GET", f"{API}/recurringruns"): "Failed to list recurring runs",
+            ("POST", f"{API}/recurringruns"): "Failed to create a recurring run",
+        }.get((method, path))
+        if doing is None:
+            return None
+        experiment_id = query.get("experiment_id") or body.get("experiment_id")
+        if experiment_id:
+            namespace = next(e.get("namespace", "") for e in self.experiments if e["experiment_id"] == experiment_id)
+        else:
+            namespace = query.get("namespace") or (body or {}).get("namespace") or ""
+        if not namespace:
+            message = "An experiment cannot have an empty namespace in multi-user mode"
+            return _grpc_error(
+                400, 3, f"{doing}: Failed to authorize with API: Invalid input error: {message}", message
+            )
+        if authorization is None:
+            # auth.go IdentityHeaderMissingError from both authenticators; k8s' aggregate error prints the two
+            # identical messages once.
+            missing = "Request header error: there is no user identity header."
+            outer = "Failed to check authorization. User identity is empty in the request header"
+            chain = f"Unauthenticated: {outer}: Unauthenticated: {missing}: {missing}"
+            return _grpc_error(401, 16, f"{doing}: Failed to authorize with API: {chain}", outer)
+        token = authorization.removeprefix("Bearer ")
+        if token not in self.users:
+            outer = "Review.Status.Authenticated is false. Error "
+            missing = "Request header error: there is no user identity header."
+            chain = f"[Unauthenticated: {missing}: {missing}, Authentication failure: Unauthenticated: {outer}]"
+            return _grpc_error(401, 16, f"{doing}: Failed to authorize with API: Unauthenticated: {chain}", outer)
+        user, namespaces = self.users[token]
+        if namespace not in namespaces:
+            outer = f"User '{user}' is not authorized with reason:  (request: namespace:{namespace})"
+            return _grpc_error(403, 7, f"{doing}: PermissionDenied: {outer}: Unauthorized access", outer)
+        return None
+
+    def namespace(self, given: str | None) -> str:
+        # resource_manager.go ReplaceNamespace: standalone KFP keeps everything in one namespace, ""
+        return (given or "") if self.users is not None else ""
 
     def answer(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict]:
         def named(items: list[dict]) -> list[dict]:
@@ -93,12 +162,14 @@ class FakeKFP:
             return [item for item in items if all(item["display_name"] == p["stringValue"] for p in wanted)]
 
         if (method, path) == ("GET", f"{API}/healthz"):
-            return 200, {"commit_sha": "0123abc", "tag_name": "2.4.0", "multi_user": False}
+            return 200, {"commit_sha": "0123abc", "tag_name": "2.17.0", "multi_user": self.users is not None}
         if (method, path) == ("GET", f"{API}/experiments"):
-            found = named(self.experiments)
+            wanted = self.namespace(query.get("namespace"))
+            found = [e for e in named(self.experiments) if e.get("namespace", "") == wanted]
             return 200, {"experiments": found, "total_size": len(found)} if found else {}
         if (method, path) == ("POST", f"{API}/experiments"):
-            experiment = {**body, "experiment_id": f"exp-new-{len(self.experiments)}", "storage_state": "AVAILABLE"}
+            experiment = {**body, "namespace": self.namespace(body.get("namespace"))}
+            experiment |= {"experiment_id": f"exp-new-{len(self.experiments)}", "storage_state": "AVAILABLE"}
             self.experiments.append(experiment)
             return 200, experiment
         if (method, path) == ("POST", f"{API}/runs"):
@@ -122,6 +193,13 @@ class FakeKFP:
             handler.send_header(key, value)
         handler.end_headers()
         handler.wfile.write(payload)
+
+
+def _grpc_error(status: int, code: int, message: str, external: str) -> tuple[int, dict]:
+    """An error as ml-pipeline's grpc-gateway (v2) writes it: the status message is the whole chain of wrapped
+    errors, the detail only the outermost words (backend/src/common/util/error.go UserError.GRPCStatus, 2.17.0)."""
+    detail = {"@type": "type.googleapis.com/google.rpc.Status", "code": code, "message": external}
+    return status, {"code": code, "message": message, "details": [detail]}
 
 
 def _use_kubeconfig(monkeypatch, path) -> None:
@@ -300,6 +378,7 @@ def test_submit_creates_the_missing_experiment_and_sends_the_compiled_pipeline(k
     assert kfp.body("POST", f"{API}/experiments")["display_name"] == "nightly"
     run = kfp.body("POST", f"{API}/runs")
     assert run["experiment_id"] == "exp-new-0"
+    assert run["service_account"] == cfg.cluster.service_account == "canaryflow-runner"
     assert run["display_name"].startswith(f"{cfg.registry.model_name} ")
     _assert_carries_the_pipeline(run, compiled)
     assert {r["headers"].get("authorization") for r in kfp.requests} == {"Bearer s3cret"}
@@ -384,7 +463,16 @@ def _write_kubeconfig(path, server: str, contexts: dict[str, str]) -> None:
 def api_server(tmp_path, monkeypatch):
     """A loopback "Kubernetes API server" that serves only KFP, under the service-proxy path, and a kubeconfig
     that points at it."""
-    server = FakeKFP(prefix=PROXY)
+    yield from _behind_the_api_server(tmp_path, monkeypatch, FakeKFP(prefix=PROXY))
+
+
+@pytest.fixture
+def multi_user_api_server(tmp_path, monkeypatch):
+    """The same, with multi-user KFP behind the proxy: its users' tokens never reach it that way."""
+    yield from _behind_the_api_server(tmp_path, monkeypatch, FakeKFP(prefix=PROXY, users=USERS))
+
+
+def _behind_the_api_server(tmp_path, monkeypatch, server: FakeKFP):
     kubeconfig = tmp_path / "kubeconfig"
     _write_kubeconfig(kubeconfig, server.url, {"dev": "kube-token-dev", "prod": "kube-token-prod"})
     _use_kubeconfig(monkeypatch, kubeconfig)
@@ -458,6 +546,7 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catch_up(kfp, cf
     assert body["mode"] == "ENABLE"
     assert body["experiment_id"] == "exp-new-0"
     assert body["display_name"] == f"{cfg.registry.model_name} retraining"
+    assert body["service_account"] == cfg.cluster.service_account == "canaryflow-runner"
     _assert_carries_the_pipeline(body, compiled)
     assert {r["headers"].get("authorization") for r in kfp.requests} == {"Bearer s3cret"}
     assert result["url"] == f"{kfp.url}/#/recurringrun/details/rr-0"
@@ -689,3 +778,129 @@ def test_drift_watch_with_kfp_unreachable_is_one_line_and_tries_again_next_time(
     )
     assert code == 1 and _one_line(err).startswith(f"error: cannot reach KFP at {host}")
     assert not (drifted_log / "drift-watch.json").exists()  # no run began, so no cool-down either
+
+
+# --- the identity runs execute as -----------------------------------------------------------------------------
+
+
+def test_runs_and_recurring_runs_take_the_configured_service_account(kfp):
+    args = ("--host", kfp.url, "--set", "cluster.service_account=team-runner", "--json")
+    assert run_cli("submit", *args, timeout=120).returncode == 0
+    assert run_cli("schedule", "--cron", "0 0 3 * * *", *args, timeout=120).returncode == 0
+    assert kfp.body("POST", f"{API}/runs")["service_account"] == "team-runner"
+    assert kfp.body("POST", f"{API}/recurringruns")["service_account"] == "team-runner"
+
+
+def test_without_a_service_account_kfp_chooses_its_default(kfp, cfg):
+    # KFP then runs the steps as pipeline-runner, or default-editor on multi-user Kubeflow
+    # (backend/src/apiserver/template/template.go setDefaultServiceAccount, tag 2.17.0).
+    unnamed = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"service_account": None})})
+    cluster.submit(unnamed, kfp.url)
+    cluster.schedule(unnamed, kfp.url, "0 0 3 * * *")
+    assert "service_account" not in kfp.body("POST", f"{API}/runs")
+    assert "service_account" not in kfp.body("POST", f"{API}/recurringruns")
+
+
+def test_a_service_account_that_is_no_kubernetes_name_is_one_line_exit_2_and_sends_nothing(kfp):
+    result = run_cli("submit", "--host", kfp.url, "--set", "cluster.service_account=Team_Runner", timeout=120)
+    assert result.returncode == 2
+    assert "cluster.service_account" in _one_line(result.stderr)
+    assert "'Team_Runner' is not a Kubernetes name" in result.stderr
+    assert kfp.requests == []
+
+
+# --- multi-user Kubeflow ---------------------------------------------------------------------------------------
+
+USERS = {"alice-token": ("alice@example.com", {"team-a"})}
+
+
+@pytest.fixture
+def multi_user():
+    server = FakeKFP(users=USERS)
+    yield server
+    server.close()
+
+
+def _assert_created_in(kfp: FakeKFP, namespace: str, token: str) -> None:
+    assert kfp.body("POST", f"{API}/experiments")["namespace"] == namespace
+    run = kfp.body("POST", f"{API}/runs")
+    assert next(e for e in kfp.experiments if e["experiment_id"] == run["experiment_id"])["namespace"] == namespace
+    assert {r["headers"].get("authorization") for r in kfp.requests} == {f"Bearer {token}"}
+
+
+def test_multi_user_kfp_takes_a_run_with_the_token_and_checks_its_namespace(multi_user, cfg):
+    cluster.submit(cfg, multi_user.url, namespace="team-a", token="alice-token")
+    _assert_created_in(multi_user, "team-a", "alice-token")
+    assert multi_user.body("POST", f"{API}/runs")["service_account"] == "canaryflow-runner"
+
+    with pytest.raises(CanaryflowError) as raised:
+        cluster.submit(cfg, multi_user.url, namespace="team-b", token="alice-token")
+    message = str(raised.value)
+    assert message.startswith(f"KFP at {multi_user.url} refused looking up or creating experiment")
+    assert "(HTTP 403 Forbidden: List experiments failed: PermissionDenied: User 'alice@example.com' is not" in message
+    assert message.endswith("is --namespace a profile this identity may use?)")
+    assert multi_user.calls().count(("POST", f"{API}/runs")) == 1
+
+
+def test_multi_user_kfp_takes_the_token_from_kfp_token(multi_user, monkeypatch):
+    monkeypatch.setenv("KFP_TOKEN", "alice-token")
+    result = run_cli("submit", "--host", multi_user.url, "--namespace", "team-a", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    _assert_created_in(multi_user, "team-a", "alice-token")
+
+
+def test_multi_user_kfp_takes_the_pods_projected_token(multi_user, cfg, tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("alice-token\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    cluster.schedule(cfg, multi_user.url, "0 0 3 * * *", namespace="team-a")
+    assert multi_user.body("POST", f"{API}/recurringruns")["service_account"] == "canaryflow-runner"
+    assert {r["headers"].get("authorization") for r in multi_user.requests} == {"Bearer alice-token"}
+
+
+@pytest.mark.parametrize(
+    "namespace, token, expected",
+    [
+        (
+            "team-a",
+            None,
+            "is multi-user and got no user identity while looking up or creating experiment EXPERIMENT "
+            '(HTTP 401 Unauthorized: "there is no user identity header"): no credentials were sent: give --token '
+            "or set KFP_TOKEN",
+        ),
+        ("team-a", "stolen", "(HTTP 401 Unauthorized: List experiments failed: Failed to authorize with API"),
+        (
+            None,
+            "alice-token",
+            "is multi-user and needs a namespace while looking up or creating experiment EXPERIMENT "
+            "(HTTP 400 Bad Request): give --namespace, your Kubeflow profile's namespace",
+        ),
+    ],
+)
+def test_multi_user_kfp_refusals_say_what_to_give(multi_user, cfg, namespace, token, expected):
+    with pytest.raises(CanaryflowError) as raised:
+        cluster.submit(cfg, multi_user.url, namespace=namespace, token=token)
+    assert expected.replace("EXPERIMENT", repr(cfg.mlflow.experiment)) in str(raised.value)
+    assert "\n" not in str(raised.value)
+    if token == "stolen":
+        assert str(raised.value).endswith("the bearer token (--token or KFP_TOKEN) was not accepted")
+    assert ("POST", f"{API}/runs") not in multi_user.calls()
+
+
+@pytest.mark.parametrize("namespace", [["--namespace", "team-a"], []])
+def test_the_kubeconfig_route_to_multi_user_kfp_says_it_is_standalone_only_and_names_the_fix(
+    multi_user_api_server, namespace
+):
+    result = run_cli("submit", *namespace, timeout=120)
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    said = "there is no user identity header" if namespace else "cannot have an empty namespace in multi-user mode"
+    assert f'is multi-user Kubeflow and said "{said}" while looking up or creating experiment' in line
+    assert "the API server's service proxy, which drops Authorization and adds no user identity" in line
+    assert line.endswith(
+        "serves standalone KFP only; give --host https://<kubeflow>/pipeline (the Kubeflow gateway) and --token or "
+        "KFP_TOKEN"
+    )
+    # The API server got the kubeconfig's token; ml-pipeline behind it got none, and no run was created.
+    assert {r["headers"].get("authorization") for r in multi_user_api_server.requests} == {"Bearer kube-token-dev"}
+    assert ("POST", f"{API}/runs") not in multi_user_api_server.calls()
