@@ -106,6 +106,11 @@ class Toleration(_Section):
     )
 
 
+# A Kubernetes quantity such as 20Gi. The KFP driver parses claim and emptyDir sizes with MustParse, which
+# panics on anything else (kubeflow/pipelines 2.17.0, backend/src/v2/driver/k8s.go), so they are checked here.
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(450, description="Optimizer steps; 0 or less means train.epochs decides.")
     epochs: float = Field(1.0, gt=0, description="Epochs, used only when max_steps <= 0.")
@@ -157,7 +162,9 @@ class TrainConfig(_Section):
         "Azure Disk, Ceph, Longhorn), or a VolumeSnapshot of it with the same name (EBS, which cannot clone).",
     )
     checkpoint_size: str = Field(
-        "20Gi", min_length=1, description="Size of a per-run checkpoint claim; a clone is at least its source's."
+        "20Gi",
+        pattern=QUANTITY,
+        description="Size of a per-run checkpoint claim; a clone is at least its source's.",
     )
     # The KFP driver writes the class into every claim it creates ("standard" when none is given, "" means no
     # provisioning), so the cluster's default class cannot be asked for; a clone must have its source's class.
@@ -200,6 +207,7 @@ class TrainConfig(_Section):
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints fine_tune may run on.")
     shm_size: str | None = Field(
         None,
+        pattern=QUANTITY,
         description="Size of the memory-backed /dev/shm of fine_tune on more than one accelerator, where NCCL "
         "and DataLoader workers pass tensors through it (the container default is 64Mi). It counts against the "
         "pod's memory. Unset: 2Gi per accelerator.",

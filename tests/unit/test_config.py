@@ -66,6 +66,9 @@ def test_cluster_versions_and_sizes_read_as_text_from_set():
     assert load_config(overrides=["cluster.kfp_backend_version=2.15.1"]).cluster.kfp_backend == (2, 15, 1)
     with pytest.raises(BadInputError, match="cluster.kfp_backend_version"):
         load_config(overrides=["cluster.kfp_backend_version=latest"])
+    for key in ("train.checkpoint_size", "train.shm_size"):  # the KFP driver would panic parsing these
+        with pytest.raises(BadInputError, match=key.replace(".", r"\.")):
+            load_config(overrides=[f"{key}=16 GB"])
 
 
 @pytest.mark.parametrize(("gpus", "shm"), [(2, "4Gi"), (8, "16Gi")])
