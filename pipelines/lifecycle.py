@@ -15,16 +15,59 @@ from canaryflow.components.prepare_data import prepare_data
 from canaryflow.components.record_outcome import record_outcome
 from canaryflow.components.register_model import register_model
 from canaryflow.config import Config
+from canaryflow.errors import BadInputError
 
 PIPELINE_NAME = "canaryflow-lifecycle"
 MLFLOW_RETRIES = 2
 CHECKPOINT_MOUNT = "/mnt/canaryflow-checkpoints"
+# The KFP driver names a CreatePVC claim <uuid><suffix>, once per run (kubeflow/pipelines 2.17.0,
+# backend/src/v2/driver/k8s.go, createPVC; not <workflow>-<suffix> as kfp-kubernetes' docstring says): no two runs
+# share it, and fine_tune's retries, which mount the create task's output, all find the same one.
+CHECKPOINT_CLAIM_SUFFIX = "-canaryflow-checkpoints"
+SHM_VOLUME = "dshm"
 PROMOTION_LOCK_ENV = "CANARYFLOW_PROMOTION_LOCK"  # set from the canaryflow-mlflow-db Secret (config.cluster)
+# Below these KFP backend versions a feature is dropped without a word, so compile refuses it instead:
+# `optional` on a Secret env arrived with kubeflow/pipelines#12216 (2.15.0); before, a missing optional Secret
+# stops every pod at CreateContainerConfigError. CreatePVC's data_source arrived with #12696 (2.17.0); before,
+# the driver ignores it and the claim comes up empty and root-owned.
+OPTIONAL_SECRETS_SINCE = (2, 15)
+CLONED_CLAIMS_SINCE = (2, 17)
 
 
-def _schedule_training(task, cfg: Config, local: bool) -> None:
+def _checkpoint_claim(cfg: Config):
+    """The claim fine_tune's checkpoints live on, or None.
+
+    Why a per-run clone of a prepared claim, not the alternatives: the KFP backend sets no fsGroup and its
+    pods must run as non-root since 2.16 (backend/src/v2/compiler/argocompiler/argo.go and security_context.go,
+    kubeflow/pipelines 2.17.0), so neither the kubelet nor a step can make a fresh block volume's root-owned
+    0755 root writable for uid 1000. A one-off Job can (manifests/base/pvc-checkpoints.yaml), once, on the
+    template; a clone keeps its ownership. A shared claim would make concurrent runs fight over one
+    ReadWriteOnce volume, and a generic ephemeral volume dies with its pod, so a retried fine_tune (a new pod)
+    could not resume. A retry of fine_tune, or of the whole run (Argo reruns only the failed nodes), mounts the
+    claim the run's create task made."""
+    t = cfg.train
+    if not t.checkpoint_pvc:
+        return None
+    if t.checkpoint_claim == "shared":
+        return t.checkpoint_pvc
+    source = {"kind": t.checkpoint_source_kind, "name": t.checkpoint_pvc}
+    if t.checkpoint_source_kind == "VolumeSnapshot":  # a claim is core, which takes no apiGroup
+        source["apiGroup"] = "snapshot.storage.k8s.io"
+    create_task = kubernetes.CreatePVC(
+        pvc_name_suffix=CHECKPOINT_CLAIM_SUFFIX,
+        access_modes=["ReadWriteOnce"],
+        size=t.checkpoint_size,
+        storage_class_name=t.checkpoint_storage_class,
+        data_source=source,
+    ).set_display_name("checkpoint claim")
+    create_task.set_caching_options(False)  # a cached name would be an earlier run's claim
+    return create_task
+
+
+def _schedule_training(task, cfg: Config, local: bool, claim) -> None:
     """fine_tune's resources and placement on a cluster, all from config: accelerators, CPU and memory
-    requests, node selector, tolerations, and the PVC its checkpoints outlive a preempted pod on."""
+    requests, node selector, tolerations, /dev/shm for NCCL, and the claim its checkpoints outlive a
+    preempted pod on."""
     t = cfg.train
     if t.accelerator_limit > 0:
         task.set_accelerator_type(t.accelerator_type).set_accelerator_limit(t.accelerator_limit)
@@ -36,8 +79,14 @@ def _schedule_training(task, cfg: Config, local: bool) -> None:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in t.tolerations:
         kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
-    if t.checkpoint_pvc:
-        kubernetes.mount_pvc(task, pvc_name=t.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+    if t.accelerator_limit > 1:  # torchrun's ranks talk through /dev/shm, 64Mi by default in a container
+        kubernetes.empty_dir_mount(
+            task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=t.shm
+        )
+    if claim is not None:
+        kubernetes.mount_pvc(
+            task, pvc_name=claim if isinstance(claim, str) else claim.outputs["name"], mount_path=CHECKPOINT_MOUNT
+        )
     # Each retry resumes from the last checkpoint, so a preemption costs minutes, not the whole run. Locally
     # nothing preempts the process: a failure is the training's own, and a retry would only repeat it.
     if not local:
@@ -55,7 +104,13 @@ def build_pipeline(cfg: Config, local: bool = False):
         with dsl.ExitHandler(record_task, name="lifecycle"):
             prepare_task = prepare_data(**ids).set_display_name("prepare data")
             train_task = fine_tune(data=prepare_task.outputs["data"], **ids).set_display_name("fine-tune")
-            _schedule_training(train_task, cfg, local)
+            claim = None if local else _checkpoint_claim(cfg)
+            _schedule_training(train_task, cfg, local, claim)
+            if claim is not None and not isinstance(claim, str):
+                # Once the model is saved its checkpoints are spent. A fine_tune that failed every retry keeps
+                # its claim, so that retrying the run resumes; delete those by hand (README).
+                delete_task = kubernetes.DeletePVC(pvc_name=claim.outputs["name"]).after(train_task)
+                delete_task.set_display_name("delete checkpoint claim").set_caching_options(False)
             eval_task = evaluate_model(
                 data=prepare_task.outputs["data"], model=train_task.outputs["model"], **ids
             ).set_display_name("evaluate challenger vs champion")
@@ -77,9 +132,17 @@ def build_pipeline(cfg: Config, local: bool = False):
         for task in (eval_task, register_task, canary_task, record_task):
             task.set_retry(num_retries=MLFLOW_RETRIES, backoff_duration="5s")
         if not local:
-            for task in (prepare_task, train_task, eval_task, register_task, canary_task, record_task):
-                for env in cfg.cluster.secrets:
-                    kubernetes.use_secret_as_env(task, env.secret, env.keys, optional=env.optional)
+            steps = {
+                "prepare_data": prepare_task,
+                "fine_tune": train_task,
+                "evaluate_model": eval_task,
+                "register_model": register_task,
+                "canary_rollout": canary_task,
+                "record_outcome": record_task,
+            }
+            for env in cfg.cluster.secrets:
+                for step in env.steps or steps:
+                    kubernetes.use_secret_as_env(steps[step], env.secret, env.keys, optional=env.optional)
 
     return lifecycle
 
@@ -97,8 +160,32 @@ def for_cluster(cfg: Config) -> Config:
     return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": None})})
 
 
+def check_backend(cfg: Config) -> None:
+    """Refuse, in one line, what the configured KFP backend would drop without a word."""
+    version = cfg.cluster.kfp_backend_version
+    if cfg.cluster.kfp_backend < OPTIONAL_SECRETS_SINCE:
+        for env in cfg.cluster.secrets:
+            if env.optional:
+                raise BadInputError(
+                    f"cluster.secrets: {env.secret} is optional, a flag KFP backend {version} drops (kubeflow/"
+                    "pipelines#12216, in 2.15), so were it missing every pod would stop; create the Secret and set "
+                    "optional: false, or upgrade the backend"
+                )
+    if (
+        cfg.train.checkpoint_pvc
+        and cfg.train.checkpoint_claim == "per-run"
+        and cfg.cluster.kfp_backend < CLONED_CLAIMS_SINCE
+    ):
+        raise BadInputError(
+            f"train.checkpoint_claim: per-run claims are cloned from {cfg.train.checkpoint_pvc}, which KFP backend "
+            f"{version} cannot do (CreatePVC data_source, kubeflow/pipelines#12696, in 2.17): set "
+            "train.checkpoint_claim=shared (one run at a time), or upgrade the backend"
+        )
+
+
 def compile_pipeline(cfg: Config, package_path: str) -> str:
     from kfp import compiler
 
+    check_backend(cfg)
     compiler.Compiler().compile(build_pipeline(for_cluster(cfg)), package_path=package_path)
     return package_path

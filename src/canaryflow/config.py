@@ -107,6 +107,11 @@ class Toleration(_Section):
     )
 
 
+# A Kubernetes quantity such as 20Gi. The KFP driver parses claim and emptyDir sizes with MustParse, which
+# panics on anything else (kubeflow/pipelines 2.17.0, backend/src/v2/driver/k8s.go), so they are checked here.
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(450, description="Optimizer steps; 0 or less means train.epochs decides.")
     epochs: float = Field(1.0, gt=0, description="Epochs, used only when max_steps <= 0.")
@@ -141,7 +146,34 @@ class TrainConfig(_Section):
         "<workdir>/checkpoints. One subfolder per pipeline run.",
     )
     checkpoint_pvc: str | None = Field(
-        "canaryflow-checkpoints", description="PVC mounted for checkpoints on a cluster (unset: no mount)."
+        "canaryflow-checkpoints",
+        description="The checkpoint claim a one-off Job made writable for uid 1000 (manifests/base/"
+        "pvc-checkpoints.yaml): each run's own claim is cloned from it (per-run), or it is mounted as it is "
+        "(shared). Unset: no claim, and a retried fine_tune starts over.",
+    )
+    checkpoint_claim: Literal["per-run", "shared"] = Field(
+        "per-run",
+        description="per-run: each pipeline run gets its own ReadWriteOnce claim, cloned from checkpoint_pvc, "
+        "so concurrent runs never meet on one volume (needs KFP backend >= 2.17). shared: every run mounts "
+        "checkpoint_pvc itself, so two runs at once wait on each other's volume attachment (Multi-Attach).",
+    )
+    checkpoint_source_kind: Literal["PersistentVolumeClaim", "VolumeSnapshot"] = Field(
+        "PersistentVolumeClaim",
+        description="What a per-run claim is cloned from: the checkpoint_pvc claim (CSI volume cloning: GCE PD, "
+        "Azure Disk, Ceph, Longhorn), or a VolumeSnapshot of it with the same name (EBS, which cannot clone).",
+    )
+    checkpoint_size: str = Field(
+        "20Gi",
+        pattern=QUANTITY,
+        description="Size of a per-run checkpoint claim; a clone is at least its source's.",
+    )
+    # The KFP driver writes the class into every claim it creates ("standard" when none is given, "" means no
+    # provisioning), so the cluster's default class cannot be asked for; a clone must have its source's class.
+    checkpoint_storage_class: str = Field(
+        "standard",
+        min_length=1,
+        description="StorageClass of a per-run claim: the checkpoint_pvc claim's own (a clone must match it; "
+        "kubectl get pvc canaryflow-checkpoints -o jsonpath='{.spec.storageClassName}').",
     )
     early_stopping_patience: int = Field(
         0, ge=0, description="Stop after this many checkpoints without a lower validation loss (0: off)."
@@ -174,8 +206,21 @@ class TrainConfig(_Section):
         default_factory=dict, description="Node labels fine_tune must run on, e.g. {'gpu-type': 'a100'}."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints fine_tune may run on.")
+    shm_size: str | None = Field(
+        None,
+        pattern=QUANTITY,
+        description="Size of the memory-backed /dev/shm of fine_tune on more than one accelerator, where NCCL "
+        "and DataLoader workers pass tensors through it (the container default is 64Mi). It counts against the "
+        "pod's memory. Unset: 2Gi per accelerator.",
+    )
 
-    @field_validator("cpu_request", "memory_request", mode="before")
+    @property
+    def shm(self) -> str:
+        # NVIDIA's NCCL and NGC container guides ask for at least 1 GiB of /dev/shm; the second covers the
+        # DataLoader workers' batches, which also pass through it, one set per rank.
+        return self.shm_size or f"{2 * self.accelerator_limit}Gi"
+
+    @field_validator("cpu_request", "memory_request", "checkpoint_size", "shm_size", mode="before")
     @classmethod
     def _quantity(cls, value: Any) -> Any:
         # `--set train.cpu_request=4` arrives as the number 4; Kubernetes quantities are strings.
@@ -599,10 +644,17 @@ class MlflowConfig(_Section):
     timeout_s: int = Field(60, gt=0, description="Seconds one request to an MLflow server may take.")
 
 
+# The pipeline's steps by their component names; canaryflow.steps.STEPS lists those a run must finish.
+Step = Literal["prepare_data", "fine_tune", "evaluate_model", "register_model", "canary_rollout", "record_outcome"]
+
+
 class SecretEnv(_Section):
     secret: str = Field(min_length=1, description="Name of a Kubernetes Secret in the pipeline's namespace.")
-    keys: dict[str, str] = Field(description="Secret data key -> environment variable of every step.")
+    keys: dict[str, str] = Field(description="Secret data key -> environment variable of the steps that get it.")
     optional: bool = Field(False, description="Steps start without it when the Secret is missing.")
+    steps: list[Step] | None = Field(
+        None, description="The steps that get it, e.g. [canary_rollout]; unset: every step."
+    )
 
 
 class ClusterConfig(_Section):
@@ -628,13 +680,36 @@ class ClusterConfig(_Section):
             ),
             SecretEnv(secret="canaryflow-hf", keys={"token": "HF_TOKEN"}, optional=True),
             # The MLflow server's own database, for the promotion lock (registry.lock env:...); without it the
-            # re-read before every alias move is the only guard.
+            # re-read before every alias move is the only guard. It holds the database password, so only the step
+            # that moves champion gets it: canary_rollout (models.promote / reject -> ledger.move_aliases).
+            # register_model's challenger alias is set without the lock: each version sets its own.
             SecretEnv(
-                secret="canaryflow-mlflow-db", keys={"backend-store-uri": "CANARYFLOW_PROMOTION_LOCK"}, optional=True
+                secret="canaryflow-mlflow-db",
+                keys={"backend-store-uri": "CANARYFLOW_PROMOTION_LOCK"},
+                optional=True,
+                steps=["canary_rollout"],
             ),
         ],
-        description="Secrets every step gets as environment variables: MLflow, S3/MinIO, the HF token.",
+        description="Secrets the steps get as environment variables: MLflow, S3/MinIO, the HF token, and the "
+        "MLflow database for the promotion lock (canary_rollout only).",
     )
+    kfp_backend_version: str = Field(
+        "2.17",
+        pattern=r"^\d+\.\d+(\.\d+)?$",
+        description="The KFP backend the pipeline runs on (MAJOR.MINOR). compile refuses what it would silently "
+        "drop: optional Secrets below 2.15 (kubeflow/pipelines#12216), per-run checkpoint claims below 2.17.",
+    )
+
+    @field_validator("kfp_backend_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # `--set cluster.kfp_backend_version=2.16` arrives as the number 2.16 (quote 2.10: YAML reads 2.1).
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @property
+    def kfp_backend(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.kfp_backend_version.split("."))
+
     # Runs and recurring runs execute as this ServiceAccount, not as the namespace's default-editor (which
     # holds kubeflow-edit): manifests/base/rbac.yaml grants it what the KFP driver, launcher and the steps call.
     service_account: str | None = Field(

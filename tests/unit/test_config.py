@@ -58,3 +58,27 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_config_round_trips_through_json():
     cfg = load_config(overrides=["gate.floors={bleu: 3.5}", "mlflow.tracking_uri=sqlite:///x.db"])
     assert Config.from_json(cfg.model_dump_json()) == cfg
+
+
+def test_cluster_versions_and_sizes_read_as_text_from_set():
+    cfg = load_config(overrides=["cluster.kfp_backend_version=2.16", "train.checkpoint_size=40", "train.shm_size=8Gi"])
+    assert cfg.cluster.kfp_backend == (2, 16) and cfg.train.checkpoint_size == "40"
+    assert load_config(overrides=["cluster.kfp_backend_version=2.15.1"]).cluster.kfp_backend == (2, 15, 1)
+    with pytest.raises(BadInputError, match="cluster.kfp_backend_version"):
+        load_config(overrides=["cluster.kfp_backend_version=latest"])
+    for key in ("train.checkpoint_size", "train.shm_size"):  # the KFP driver would panic parsing these
+        with pytest.raises(BadInputError, match=key.replace(".", r"\.")):
+            load_config(overrides=[f"{key}=16 GB"])
+
+
+@pytest.mark.parametrize(("gpus", "shm"), [(2, "4Gi"), (8, "16Gi")])
+def test_dev_shm_grows_with_the_accelerators_unless_set(gpus, shm):
+    assert load_config(overrides=[f"train.accelerator_limit={gpus}"]).train.shm == shm
+    assert load_config(overrides=[f"train.accelerator_limit={gpus}", "train.shm_size=1Gi"]).train.shm == "1Gi"
+
+
+def test_only_the_database_secret_is_scoped_by_default():
+    scoped = {s.secret: s.steps for s in Config().cluster.secrets if s.steps is not None}
+    assert scoped == {"canaryflow-mlflow-db": ["canary_rollout"]}
+    with pytest.raises(BadInputError, match=r"cluster.secrets.0.steps.0"):
+        load_config(overrides=["cluster.secrets=[{secret: s, keys: {k: K}, steps: [deploy]}]"])

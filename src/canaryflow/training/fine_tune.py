@@ -23,6 +23,7 @@ from canaryflow import progress
 from canaryflow.config import TINY_BASE, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import BadInputError, CanaryflowError
+from canaryflow.training.checkpoints import ensure_writable
 from canaryflow.training.health import HealthGuard, OnMetrics, Telemetry, peak_memory_mb
 from canaryflow.training.precision import Precision, choose, current_device
 
@@ -265,6 +266,8 @@ def fine_tune(
     label_ids = {label: i for i, label in enumerate(labels or [])}
     precision = choose(cfg.train.precision, current_device(), cfg.train.tf32)
     folder = Path(checkpoint_dir) if checkpoint_dir else out / "_checkpoints"
+    if cfg.train.checkpoint_steps:
+        ensure_writable(folder, cfg)
     resume = _checkpoint_to_resume(folder, fingerprint(cfg, data_dir)) if cfg.train.checkpoint_steps else None
     base = resolve_base(cfg, out / "_base")
     tokenizer, model = _build_or_load(cfg, base, list(train["input"]) + list(train["target"]), labels, resume)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.errors import CanaryflowError
+from canaryflow.training.checkpoints import ensure_writable
 
 METRICS_LOG = "train_log.jsonl"
 
@@ -32,6 +33,8 @@ def data_parallel(cfg: Config, gpus: int, data_dir: str, out_dir: str, checkpoin
     """Train on `gpus` GPUs; return rank 0's metrics, with its per-step log under "steps"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if checkpoint_dir and cfg.train.checkpoint_steps:  # here, once, rather than as every rank's own traceback
+        ensure_writable(checkpoint_dir, cfg)
     config_file = out / "_launch_config.json"
     config_file.write_text(cfg.model_dump_json(), encoding="utf-8")
     done = subprocess.run(command(gpus, config_file, data_dir, out_dir, checkpoint_dir))
