@@ -106,8 +106,12 @@ class Postgres:
 class MlflowServer:
     """`mlflow server` on a free loopback port over `backend`, proxying artifacts to a temporary directory."""
 
-    def __init__(self, backend: str | None, workdir: Path) -> None:
+    def __init__(
+        self, backend: str | None, workdir: Path, app_name: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """`app_name` and `env` as `mlflow server --app-name` and its environment (e.g. basic-auth's settings)."""
         self.backend = backend or f"sqlite:///{workdir / 'server.db'}"
+        self.app_name, self.env = app_name, env or {}
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,7 +121,7 @@ class MlflowServer:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Probed: one worker and no job execution bring start-up from ~50 s to ~20 s on 2 cores.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [
@@ -137,6 +141,7 @@ class MlflowServer:
                     "mlflow-artifacts:/",
                     "--artifacts-destination",
                     str(self.workdir / "artifacts"),
+                    *(["--app-name", self.app_name] if self.app_name else []),
                 ],  # fmt: skip
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -881,10 +881,11 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # the last resort: still one line, with the type to search for
         if type(exc).__name__ == "MlflowException":  # mlflow is imported only by the commands that need it
-            from canaryflow.registry.tracking import unavailable_error
+            from canaryflow.registry.tracking import refused_error, unavailable_error
 
             words = [word for word in sys.argv[1:3] if not word.startswith("-")]
-            down = unavailable_error(exc, f"running `canaryflow {' '.join(words)}`")
+            doing = f"running `canaryflow {' '.join(words)}`"
+            down = unavailable_error(exc, doing) or refused_error(exc, doing)
             if down is not None:
                 print(f"error: {down}", file=sys.stderr)
                 sys.exit(down.exit_code)

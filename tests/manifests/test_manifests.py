@@ -298,6 +298,61 @@ def test_mlflow_server_args_parse_with_mlflow_cli(overlay, monkeypatch):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
 
 
+@pytest.mark.parametrize("overlay", NAMESPACES)
+def test_mlflow_requires_a_login_and_admits_only_the_pipelines_pods(overlay, tmp_path):
+    """The server runs basic-auth with its settings and admin from a Secret the steps never get, and the
+    NetworkPolicy lets only KFP's pipeline pods in (tests/pipelines/test_registry_auth.py starts the server)."""
+    import configparser
+
+    from mlflow.cli import server
+    from mlflow.environment_variables import (
+        MLFLOW_AUTH_ADMIN_PASSWORD,
+        MLFLOW_AUTH_ADMIN_USERNAME,
+        MLFLOW_AUTH_CONFIG_PATH,
+        MLFLOW_FLASK_SERVER_SECRET_KEY,
+    )
+
+    namespace = NAMESPACES[overlay]
+    objects, deployment, container = _mlflow(overlay)
+    assert server.make_context("mlflow server", _args(container, namespace)).params["app_name"] == "basic-auth"
+    env = _env(container, namespace)
+    admin = "canaryflow-mlflow-admin"
+    assert env[MLFLOW_AUTH_ADMIN_USERNAME.name] == f"<{admin}/username>"
+    assert env[MLFLOW_AUTH_ADMIN_PASSWORD.name] == f"<{admin}/password>"
+    assert env[MLFLOW_FLASK_SERVER_SECRET_KEY.name] == f"<{admin}/flask-secret-key>"
+    # The settings file is the Secret's basic_auth.ini alone, readable by the server's group and nobody else.
+    pod = deployment["spec"]["template"]["spec"]
+    settings = Path(env[MLFLOW_AUTH_CONFIG_PATH.name])
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == settings.parent)
+    secret = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    assert secret["secretName"] == admin
+    assert secret["items"] == [{"key": "basic_auth.ini", "path": settings.name}]
+    assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+    # The template the README turns into that key: reviewers read, and users and grants live in PostgreSQL.
+    template = configparser.ConfigParser()
+    template.read(MANIFESTS / "base" / "mlflow-basic-auth.ini")
+    assert template["mlflow"]["default_permission"] == "READ"
+    assert template["mlflow"]["database_uri"].startswith("postgresql+psycopg2://")
+    # The steps log in with canaryflow-mlflow-auth, never with the admin's Secret.
+    steps = {s.secret for s in _submitted_config(objects, tmp_path).cluster.secrets}
+    assert "canaryflow-mlflow-auth" in steps and admin not in steps
+
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    guarding = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()]
+    assert len(guarding) == 1 and guarding[0]["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = guarding[0]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert {p["name"] for p in container["ports"]} == {"http"}
+    # This namespace's pods only (no namespaceSelector), and only those KFP v2 labels as a run's
+    # (kubeflow/pipelines backend/src/v2/compiler/argocompiler/argo.go, wf.Spec.PodMetadata).
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}}]
+    admitted = rule["from"][0]["podSelector"]["matchLabels"].items()
+    cronjob = _find(objects, "CronJob", "canaryflow-retrain")
+    for labels in (cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {}), pod_labels):
+        assert not admitted <= labels.items()
+
+
 # --- the recurring run ---
 
 

@@ -54,7 +54,7 @@ def alias_version(cfg: Config, alias: str) -> str | None:
     try:
         return str(_client().get_model_version_by_alias(cfg.registry.model_name, alias).version)
     except MlflowException as exc:
-        if not_found(exc):
+        if not_found(exc, cfg.registry.model_name):
             return None
         raise
 
@@ -270,7 +270,7 @@ def resolve_version(uri: str) -> str | None:
     try:
         return str(_client().get_model_version_by_alias(name, ref).version)
     except MlflowException as exc:
-        if not_found(exc):
+        if not_found(exc, name):
             return None
         raise
 

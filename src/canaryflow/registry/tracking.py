@@ -10,11 +10,12 @@ import contextlib
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from canaryflow.config import Config
-from canaryflow.errors import CanaryflowError
+from canaryflow.errors import BadInputError, CanaryflowError
 
 RUN_KEY_TAG = "canaryflow.run_key"
 DATA_CARD = "data/data_card.json"  # where prepare_data logs the data card in the pipeline run's MLflow run
@@ -22,6 +23,10 @@ DATA_CARD = "data/data_card.json"  # where prepare_data logs the data card in th
 
 class MlflowUnavailableError(CanaryflowError):
     """The MLflow store did not answer, after MLflow's own retries with backoff."""
+
+
+class MlflowRefusedError(BadInputError):
+    """An MLflow server behind basic-auth refused the caller: no login, a wrong one, or too few rights."""
 
 
 # What MLflow's messages say when the store itself did not answer (as opposed to answering "no").
@@ -131,10 +136,28 @@ def load_artifact_dict(uri: str) -> dict | None:
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
-def not_found(exc) -> bool:
+def not_found(exc, model: str | None = None) -> bool:
     """True when MLflow answered that the thing asked for does not exist; a store that did not answer is not
-    that, and must not read as "there is none"."""
-    return getattr(exc, "error_code", None) in _NOT_FOUND
+    that, and must not read as "there is none".
+
+    With `model`, the registered model asked about: a basic-auth server answers a read of a version or an alias
+    of a model that does not exist with PERMISSION_DENIED, not with NOT_FOUND (mlflow/server/auth/__init__.py in
+    MLflow 3.17.2: _registered_model_or_prompt_target finds no model, and the validator denies), which would
+    fail a first run on an empty registry. Reading the model itself says which it is.
+    """
+    code = getattr(exc, "error_code", None)
+    if code in _NOT_FOUND:
+        return True
+    if code != "PERMISSION_DENIED" or model is None:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_registered_model(model)
+    except MlflowException as missing:
+        return getattr(missing, "error_code", None) in _NOT_FOUND
+    return False
 
 
 def unavailable(exc: BaseException) -> str | None:
@@ -145,6 +168,12 @@ def unavailable(exc: BaseException) -> str | None:
     return next((why for marker, why in _CAUSES if marker in text), text.splitlines()[0][:160])
 
 
+def _store() -> str:
+    """The tracking URI in use: configure() sets it on mlflow, which only a step that ran it has imported."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow.get_tracking_uri() if mlflow else os.environ.get("MLFLOW_TRACKING_URI", "the configured store")
+
+
 def unavailable_error(exc: BaseException, doing: str) -> MlflowUnavailableError | None:
     """One line for a store that did not answer while `doing`, naming where it was looked for; None when
     `exc` is some other error."""
@@ -152,15 +181,36 @@ def unavailable_error(exc: BaseException, doing: str) -> MlflowUnavailableError 
     if why is None:
         return None
     found = re.search(r"API request to (\S+?)/api/", str(exc))
-    where = found.group(1) if found else os.environ.get("MLFLOW_TRACKING_URI", "the configured store")
+    where = found.group(1) if found else _store()
     # Only the HTTP client retries; a database store answers or fails at once.
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "its default")
     tried = f", after {retries} {'retry' if retries == '1' else 'retries'} with backoff" if found else ""
     return MlflowUnavailableError(f"MLflow at {where} did not answer while {doing}: {why}{tried}")
 
 
+def refused_error(exc: BaseException, doing: str) -> MlflowRefusedError | None:
+    """One line for a server that refused this caller while `doing`, naming the login and the fix; None when
+    `exc` is some other error. Basic-auth answers 401 UNAUTHENTICATED and 403 PERMISSION_DENIED (mlflow/server/
+    auth/__init__.py in MLflow 3.17.2), which MLflow's client raises with those error codes."""
+    code = getattr(exc, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    where = _store()  # the server's answer names the endpoint, not the host
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "PERMISSION_DENIED":
+        why = f"user {user!r} may not; an MLflow admin grants it MANAGE on the registered model and experiments"
+    else:
+        login = f"the login of {user!r} was not accepted" if user else "no login was given"
+        why = (
+            f"{login}; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a cluster step reads them from "
+            "the canaryflow-mlflow-auth Secret)"
+        )
+    return MlflowRefusedError(f"MLflow at {where} refused {doing}: {why}")
+
+
 def mlflow_step(doing: str) -> Callable:
-    """Decorate a step that talks to MLflow: a store that stays down fails it with one line saying so.
+    """Decorate a step that talks to MLflow: a store that stays down, or a server that refuses its login, fails it
+    with one line saying so.
 
     Every write a step makes is either one request (a model version is created with its tags and
     description at once) or idempotent on rerun, so a failed step leaves nothing half-written.
@@ -174,7 +224,7 @@ def mlflow_step(doing: str) -> Callable:
             try:
                 return step(*args, **kwargs)
             except MlflowException as exc:
-                error = unavailable_error(exc, doing)
+                error = unavailable_error(exc, doing) or refused_error(exc, doing)
                 if error is None:
                     raise
                 raise error from None
