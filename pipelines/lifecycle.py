@@ -25,7 +25,7 @@ CHECKPOINT_MOUNT = "/mnt/canaryflow-checkpoints"
 # share it, and fine_tune's retries, which mount the create task's output, all find the same one.
 CHECKPOINT_CLAIM_SUFFIX = "-canaryflow-checkpoints"
 SHM_VOLUME = "dshm"
-PROMOTION_LOCK_ENV = "CANARYFLOW_PROMOTION_LOCK"  # set from the canaryflow-mlflow-db Secret (config.cluster)
+PROMOTION_LOCK_ENV = "CANARYFLOW_PROMOTION_LOCK"  # set from the canaryflow-mlflow-lock Secret (config.cluster)
 # Below these KFP backend versions a feature is dropped without a word, so compile refuses it instead:
 # `optional` on a Secret env arrived with kubeflow/pipelines#12216 (2.15.0); before, a missing optional Secret
 # stops every pod at CreateContainerConfigError. CreatePVC's data_source arrived with #12696 (2.17.0); before,

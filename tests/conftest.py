@@ -154,6 +154,7 @@ def champion_workdir(prepared, tmp_path_factory):
 
 # Server mode: real `mlflow server`s on loopback, started once collection shows a selected test needs one.
 _SERVER_FIXTURES = ("sqlite_server", "postgres_server")
+LOCK_ROLE = "canaryflow_lock"
 _servers: dict[str, object] = {}
 
 
@@ -172,8 +173,11 @@ def _start_server(kind: str):
         cluster.start()
         backend = cluster.create_database("mlflow") if cluster.started else None
         server = MlflowServer(backend, workdir)
-        # Clients of a PostgreSQL-backed server take the advisory lock in the server's own database.
-        server.lock, server.cluster = backend, cluster
+        # Clients of a PostgreSQL-backed server take the advisory lock in the server's own database, as a role
+        # that may log in and nothing more (the canaryflow-mlflow-lock Secret on a cluster).
+        if cluster.started:
+            cluster.create_role(LOCK_ROLE)
+        server.lock, server.cluster = cluster.uri("mlflow", LOCK_ROLE) if cluster.started else None, cluster
     if kind == "sqlite" or server.cluster.started:
         server.start()
     _servers[kind] = server

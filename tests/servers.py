@@ -81,17 +81,24 @@ class Postgres:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise Unavailable(f"{argv[0]} failed: {last[0]}")
 
-    def uri(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/{database}"
+    def uri(self, database: str = "postgres", user: str = PG_USER) -> str:
+        return f"postgresql+psycopg2://{user}@127.0.0.1:{self.port}/{database}"
+
+    def create_role(self, name: str) -> None:
+        """A role that may log in and nothing more: no table of any database is granted to it."""
+        self._sql(f'CREATE ROLE "{name}" LOGIN')
 
     def create_database(self, name: str) -> str:
+        self._sql(f'CREATE DATABASE "{name}"')
+        return self.uri(name)
+
+    def _sql(self, statement: str) -> None:
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(self.uri(), isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+            connection.execute(sqlalchemy.text(statement))
         engine.dispose()
-        return self.uri(name)
 
     def stop(self) -> None:
         if self.started:

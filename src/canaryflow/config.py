@@ -679,19 +679,20 @@ class ClusterConfig(_Section):
                 },
             ),
             SecretEnv(secret="canaryflow-hf", keys={"token": "HF_TOKEN"}, optional=True),
-            # The MLflow server's own database, for the promotion lock (registry.lock env:...); without it the
-            # re-read before every alias move is the only guard. It holds the database password, so only the step
-            # that moves champion gets it: canary_rollout (models.promote / reject -> ledger.move_aliases).
-            # register_model's challenger alias is set without the lock: each version sets its own.
+            # The promotion lock (registry.lock env:...): the MLflow server's database, as a role that may log in
+            # and nothing more (an advisory lock needs no table), so the step that holds it cannot move an alias
+            # around the server's login. Without it the re-read before every alias move is the only guard. Only
+            # the step that moves champion gets it: canary_rollout (models.promote / reject ->
+            # ledger.move_aliases); register_model's challenger alias is set without the lock.
             SecretEnv(
-                secret="canaryflow-mlflow-db",
-                keys={"backend-store-uri": "CANARYFLOW_PROMOTION_LOCK"},
+                secret="canaryflow-mlflow-lock",
+                keys={"uri": "CANARYFLOW_PROMOTION_LOCK"},
                 optional=True,
                 steps=["canary_rollout"],
             ),
         ],
         description="Secrets the steps get as environment variables: MLflow, S3/MinIO, the HF token, and the "
-        "MLflow database for the promotion lock (canary_rollout only).",
+        "promotion lock on the MLflow database (canary_rollout only).",
     )
     kfp_backend_version: str = Field(
         "2.17",

@@ -147,7 +147,7 @@ def test_secrets_reach_every_step_from_kubernetes_and_never_the_yaml(tmp_path):
     assert sorted(executors) == sorted(steps)
     for name in steps:
         wired = {s["secretName"]: s for s in executors[name]["secretAsEnv"]}
-        assert set(wired) - {"canaryflow-mlflow-db"} == {
+        assert set(wired) - {"canaryflow-mlflow-lock"} == {
             "canaryflow-mlflow",
             "canaryflow-mlflow-auth",
             "canaryflow-s3",
@@ -162,13 +162,13 @@ def test_secrets_reach_every_step_from_kubernetes_and_never_the_yaml(tmp_path):
     assert baked["registry"]["lock"] == "env:CANARYFLOW_PROMOTION_LOCK"
 
 
-def test_the_database_secret_reaches_only_the_step_that_moves_champion(tmp_path):
-    # Its URI holds the MLflow database's password; only canary_rollout takes the promotion lock with it
+def test_the_lock_secret_reaches_only_the_step_that_moves_champion(tmp_path):
+    # Its URI holds a database password; only canary_rollout takes the promotion lock with it
     # (controller -> models.promote / reject -> ledger.move_aliases -> promotion_lock).
     path, spec = _compile(tmp_path)
     secrets = _secrets_by_executor(path)
-    assert [name for name, wired in secrets.items() if "canaryflow-mlflow-db" in wired] == ["exec-canary-rollout"]
-    lock = next(s for s in _kubernetes(path)["exec-canary-rollout"]["secretAsEnv"] if s["secretName"].endswith("-db"))
+    assert [name for name, wired in secrets.items() if "canaryflow-mlflow-lock" in wired] == ["exec-canary-rollout"]
+    lock = next(s for s in _kubernetes(path)["exec-canary-rollout"]["secretAsEnv"] if s["secretName"].endswith("-lock"))
     assert [k["envVar"] for k in lock["keyToEnv"]] == ["CANARYFLOW_PROMOTION_LOCK"]
     assert {"canaryflow-mlflow", "canaryflow-s3"} <= secrets["exec-fine-tune"]  # the others still reach every step
     assert set(secrets) == set(_step_executors(spec))

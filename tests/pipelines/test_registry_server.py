@@ -14,11 +14,13 @@ import urllib.request
 import uuid
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from canaryflow.config import load_config
 from canaryflow.data import drift
 from canaryflow.data.prepare import read_pairs
+from canaryflow.errors import CanaryflowError
 from canaryflow.registry import ledger, models
 from canaryflow.rollout.local import post_json
 from tests.conftest import run_cli
@@ -61,6 +63,23 @@ def test_registering_over_http_carries_lineage_and_a_rerun_registers_nothing(ser
 
 def test_two_processes_racing_through_the_server_exactly_one_wins(server, tmp_path):
     race(_server_config(server, f"race-{uuid.uuid4().hex[:6]}"), tmp_path)
+
+
+def test_the_lock_role_holds_the_promotion_lock_and_cannot_touch_the_registry(postgres_server):
+    """On a cluster the steps that move champion get the lock's URI, not the server's: a role that may log in
+    and take advisory locks, but reads and writes no table, so a step cannot move an alias around the server's
+    login. Two holders exclude each other through it."""
+    import sqlalchemy
+
+    cfg = load_config(overrides=["registry.model_name=lock-role", f"registry.lock={postgres_server.lock}"])
+    engine = sqlalchemy.create_engine(postgres_server.lock)
+    with engine.connect() as connection, pytest.raises(sqlalchemy.exc.ProgrammingError, match="permission denied"):
+        connection.execute(sqlalchemy.text("SELECT name FROM registered_models"))
+    engine.dispose()
+    with ledger.promotion_lock(cfg, timeout=5):
+        with pytest.raises(CanaryflowError, match="held the advisory lock"):
+            with ledger.promotion_lock(cfg, timeout=0.3):
+                pass
 
 
 def test_rollback_and_history_from_the_cli_against_the_server(server, tmp_path):

@@ -79,6 +79,6 @@ def test_dev_shm_grows_with_the_accelerators_unless_set(gpus, shm):
 
 def test_only_the_database_secret_is_scoped_by_default():
     scoped = {s.secret: s.steps for s in Config().cluster.secrets if s.steps is not None}
-    assert scoped == {"canaryflow-mlflow-db": ["canary_rollout"]}
+    assert scoped == {"canaryflow-mlflow-lock": ["canary_rollout"]}
     with pytest.raises(BadInputError, match=r"cluster.secrets.0.steps.0"):
         load_config(overrides=["cluster.secrets=[{secret: s, keys: {k: K}, steps: [deploy]}]"])
