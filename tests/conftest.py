@@ -153,7 +153,7 @@ def champion_workdir(prepared, tmp_path_factory):
 
 
 # Server mode: real `mlflow server`s on loopback, started once collection shows a selected test needs one.
-_SERVER_FIXTURES = ("sqlite_server", "postgres_server")
+_SERVER_FIXTURES = ("sqlite_server", "postgres_server", "auth_server")
 LOCK_ROLE = "canaryflow_lock"
 _servers: dict[str, object] = {}
 
@@ -161,10 +161,13 @@ _servers: dict[str, object] = {}
 def _start_server(kind: str):
     import tempfile
 
-    from tests.servers import MlflowServer, Postgres
+    from tests.servers import MlflowServer, Postgres, basic_auth_server
 
     workdir = Path(tempfile.mkdtemp(prefix=f"canaryflow-{kind}-server-"))
-    if kind == "sqlite":
+    if kind == "auth":
+        server = basic_auth_server(workdir, REPO / "manifests" / "base")
+        server.lock, server.cluster = None, None
+    elif kind == "sqlite":
         server = MlflowServer(None, workdir)
         # The server's clients share this machine, so a lock file serializes their promotions.
         server.lock, server.cluster = f"file:{workdir / 'promotion.lock'}", None
@@ -178,7 +181,7 @@ def _start_server(kind: str):
         if cluster.started:
             cluster.create_role(LOCK_ROLE)
         server.lock, server.cluster = cluster.uri("mlflow", LOCK_ROLE) if cluster.started else None, cluster
-    if kind == "sqlite" or server.cluster.started:
+    if server.cluster is None or server.cluster.started:
         server.start()
     _servers[kind] = server
     return server
@@ -222,6 +225,12 @@ def postgres_server():
     """A real `mlflow server` over a throwaway PostgreSQL 15 cluster; skipped, with the reason, where no
     cluster can start."""
     return _server("postgres")
+
+
+@pytest.fixture(scope="session")
+def auth_server():
+    """A real `mlflow server --app-name basic-auth`, started as manifests/base/mlflow.yaml starts it."""
+    return _server("auth")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

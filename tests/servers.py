@@ -110,6 +110,37 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+# The values of the Secret canaryflow-mlflow-admin, by key, for the basic-auth server of the tests.
+ADMIN_SECRET = {"username": "platform-admin", "password": "admin-Passw0rd-for-tests", "flask-secret-key": "k" * 32}
+
+
+def basic_auth_server(workdir: Path, manifests: Path) -> MlflowServer:
+    """`mlflow server` as manifests/base/mlflow.yaml starts it: its app, its environment with the Secret's values
+    (ADMIN_SECRET) filled in, and the settings file mlflow-basic-auth.ini with the auth database on SQLite instead
+    of PostgreSQL. A renamed variable or key in the manifest fails the start."""
+    import configparser
+
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = configparser.ConfigParser()
+    settings.read(manifests / "mlflow-basic-auth.ini")
+    settings["mlflow"]["database_uri"] = f"sqlite:///{workdir / 'basic_auth.db'}"
+    with open(workdir / "basic_auth.ini", "w") as out:
+        settings.write(out)
+    deployment = next(yaml.safe_load_all((manifests / "mlflow.yaml").read_text()))
+    container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow")
+    app = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--app-name="))
+    env = {}
+    for var in container["env"]:
+        ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") == "canaryflow-mlflow-admin":
+            env[var["name"]] = ADMIN_SECRET[ref["key"]]
+        elif var["name"] == "MLFLOW_AUTH_CONFIG_PATH":
+            env[var["name"]] = str(workdir / "basic_auth.ini")
+    return MlflowServer(None, workdir, app_name=app, env=env)
+
+
 class MlflowServer:
     """`mlflow server` on a free loopback port over `backend`, proxying artifacts to a temporary directory."""
 

@@ -7,64 +7,23 @@ step or the CLI fails in one line naming the Secret that holds it."""
 from __future__ import annotations
 
 import base64
-import configparser
 import json
 import urllib.request
 import uuid
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import MlflowRefusedError, configure, mlflow_step
-from tests.conftest import REPO, run_cli
-from tests.servers import MlflowServer, Unavailable
+from tests.conftest import run_cli
+from tests.servers import ADMIN_SECRET
 
-MANIFESTS = REPO / "manifests" / "base"
-# The values of the Secret canaryflow-mlflow-admin, by key, and the logins the admin creates, as the README says.
-ADMIN_SECRET = {"username": "platform-admin", "password": "admin-Passw0rd-for-tests", "flask-secret-key": "k" * 32}
+# The logins the admin creates, as the README says.
 PIPELINE = ("canaryflow-pipeline", "pipeline-Passw0rd-for-tests")
 REVIEWER = ("reviewer", "reviewer-Passw0rd-for-tests")
-
-
-def _deployment_server_settings(settings_file: str) -> tuple[str, dict[str, str]]:
-    """The auth app and the environment the Deployment gives the server, its Secret's values filled in and its
-    settings file at `settings_file`: a renamed variable or key in the manifest fails the start below."""
-    deployment = next(yaml.safe_load_all((MANIFESTS / "mlflow.yaml").read_text()))
-    container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow")
-    app = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--app-name="))
-    env = {}
-    for var in container["env"]:
-        ref = var.get("valueFrom", {}).get("secretKeyRef", {})
-        if ref.get("name") == "canaryflow-mlflow-admin":
-            env[var["name"]] = ADMIN_SECRET[ref["key"]]
-        elif var["name"] == "MLFLOW_AUTH_CONFIG_PATH":
-            env[var["name"]] = settings_file
-    return app, env
-
-
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory):
-    """Started once: `mlflow server` takes 20-30 s to answer on 2 cores."""
-    workdir = tmp_path_factory.mktemp("auth-server")
-    settings = configparser.ConfigParser()
-    settings.read(MANIFESTS / "mlflow-basic-auth.ini")
-    settings["mlflow"]["database_uri"] = f"sqlite:///{workdir / 'basic_auth.db'}"
-    with open(workdir / "basic_auth.ini", "w") as out:
-        settings.write(out)
-    app, env = _deployment_server_settings(str(workdir / "basic_auth.ini"))
-    server = MlflowServer(None, workdir, app_name=app, env=env)
-    server.start()
-    try:
-        server.wait()
-    except Unavailable as exc:
-        server.stop()
-        pytest.fail(f"mlflow server with {app}: {exc} (log: {server.log})")
-    yield server
-    server.stop()
 
 
 def _login(monkeypatch, login: tuple[str, str] | None) -> None:
