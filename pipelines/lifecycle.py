@@ -98,7 +98,7 @@ def build_pipeline(cfg: Config, local: bool = False):
         name=PIPELINE_NAME,
         description="Fine-tune, evaluate against the champion, register, and canary a transformers model.",
     )
-    def lifecycle(config_json: str = cfg.model_dump_json(), run_key: str = ""):
+    def lifecycle(config_json: str = cfg.to_json(), run_key: str = ""):
         ids = {"config_json": config_json, "run_key": run_key, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         record_task = record_outcome(**ids).set_display_name("record outcome")
         with dsl.ExitHandler(record_task, name="lifecycle"):

@@ -140,7 +140,7 @@ CASES = [
         "split-below-minimum",
         "test.jsonl",
         _jsonl([{"input": f"zz{i}", "target": "a"} for i in range(4)] * 3),
-        "data.test: 4 rows after cleaning and deduplication, fewer than data.min_split_rows 10",
+        "data.test: 4 rows after cleaning, deduplication and leakage, fewer than data.min_split_rows 10",
         split="test",
     ),
     Case(
@@ -157,6 +157,7 @@ CASES = [
         "data: 20 input(s) appear in both train and test, e.g. 'question 0'",
         split="test",
         also={"train": ("train.jsonl", _jsonl(_GOOD))},
+        sets=["data.on_leakage=fail"],
     ),
     Case(
         "hub-id-offline",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -62,9 +63,17 @@ _TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# Piped into a CI log or `less` there is no terminal to fit: Rich would assume 80 columns and cut table cells
+# ("2026-12…"). Lines keep their natural width up to this, unless COLUMNS says otherwise.
+PIPED_WIDTH = 400
+
+
 def _console() -> Console:
     # Bound to the real stderr now: while kfp.local runs, sys.stderr is redirected into the run log.
-    return Console(file=sys.stderr)
+    console = Console(file=sys.stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(file=sys.stderr, width=PIPED_WIDTH)
+    return console
 
 
 def _load(config: Path | None, overrides: list[str] | None, tracking_uri: str | None = None):

@@ -479,7 +479,7 @@ def _compiled(cfg: Config, directory: str) -> tuple[str, dict]:
     from canaryflow.pipelines.lifecycle import compile_pipeline, for_cluster
 
     path = compile_pipeline(cfg, str(Path(directory) / "pipeline.yaml"))
-    return path, {"config_json": for_cluster(cfg).model_dump_json()}
+    return path, {"config_json": for_cluster(cfg).to_json()}
 
 
 def run_url(host: str, run_id: str) -> str:

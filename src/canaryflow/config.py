@@ -2,7 +2,7 @@
 
 One YAML file in, validated on entry; `--set a.b=c` overrides any field. The defaults are the offline
 demo task, so `canaryflow run` with no config file works on a fresh machine. The same object crosses the
-KFP boundary as JSON (`Config.model_dump_json()` / `Config.from_json()`).
+KFP boundary as JSON (`Config.to_json()` / `Config.from_json()`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class DataConfig(_Section):
     min_split_rows: int = Field(10, ge=1, description="Fewest rows a split may have after cleaning and deduplication.")
     overlength: Literal["truncate", "drop"] = Field(
         "truncate", description="Inputs over max_source_length words: keep them (truncated when tokenized) or drop."
+    )
+    on_leakage: Literal["drop", "fail"] = Field(
+        "drop",
+        description="An input in two of the splits given: drop it from train (and from validation when test holds "
+        "it), keeping the split the gate scores intact, and count it in the data card; or fail.",
     )
     drift_threshold: float | None = Field(
         None, ge=0, le=1, description="Fail when drift against the champion's data exceeds this; unset: report only."
@@ -247,16 +252,23 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 GATEABLE = CORPUS_METRICS + MEAN_METRICS + CLASSIFICATION_METRICS
 
 
+# The gate a task gets where the config names none: seq2seq's is the demo's (configs/demo.yaml), whose 160 test
+# inputs resolve about 3.1 BLEU and 1.0 chrF between two similar models (at a margin that fine an equal challenger
+# fails half the time, at 1.6 times it, BLEU here, about one time in nine, at twice it, chrF, one in forty); a
+# classifier's is configs/classification.yaml's.
+TASK_GATES: dict[str, dict[str, dict[str, float]]] = {
+    "seq2seq": {"floors": {"bleu": 15.0, "chrf": 30.0}, "non_inferiority": {"bleu": 5.0, "chrf": 2.0}},
+    "classification": {"floors": {"macro_f1": 70.0}, "non_inferiority": {"macro_f1": 1.0, "accuracy": 1.0}},
+}
+
+
 class GateConfig(_Section):
     floors: dict[str, float] = Field(
-        default_factory=lambda: {"bleu": 15.0, "chrf": 30.0},
-        description="Absolute minimum per metric for the challenger.",
+        default_factory=lambda: dict(TASK_GATES["seq2seq"]["floors"]),
+        description="Absolute minimum per metric for the challenger. Unset: the task's (TASK_GATES).",
     )
-    # The defaults are the demo's (configs/demo.yaml), whose 160 test inputs resolve about 3.1 BLEU and 1.0 chrF
-    # between two similar models: at a margin that fine an equal challenger fails half the time, at 1.6 times it
-    # (BLEU here) about one time in nine, at twice it (chrF) one in forty.
     non_inferiority: dict[str, float] = Field(
-        default_factory=lambda: {"bleu": 5.0, "chrf": 2.0},
+        default_factory=lambda: dict(TASK_GATES["seq2seq"]["non_inferiority"]),
         description="Per metric, how far below the champion it may fall: passes when the paired bootstrap shows "
         "the difference is above -margin (its confidence interval's lower end). Keep it above what the test set "
         "resolves (each check states it; `canaryflow run` warns when a margin is finer).",
@@ -743,6 +755,34 @@ class Config(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    def to_json(self) -> str:
+        """The config as the `config_json` parameter of the DAG. kfp.local's SubprocessRunner replaces the text
+        `python3` in every executor argument with its interpreter's path (kfp 2.17 local/subprocess_task_handler.py
+        replace_python_executable; kubeflow/pipelines#14459, open), which would corrupt a model or data path inside
+        a virtualenv (`.../lib/python3.11/...`). The JSON escape `\\u0033` for the 3 spells the same string
+        without that text; `from_json` reads it back as it was."""
+        return self.model_dump_json().replace("python3", "python\\u0033")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_follows_the_task(cls, raw: Any) -> Any:
+        """What the config leaves out of the gate comes from its task's (TASK_GATES): `--set
+        model.task=classification` alone gates on accuracy and macro-F1. A metric that must improve has no
+        default margin as well."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        defaults = TASK_GATES.get(model.get("task", "seq2seq"))
+        gate = raw.get("gate", {})
+        if defaults is None or not isinstance(gate, dict):
+            return raw  # a field validator names what is wrong
+        gate = dict(gate)
+        gate.setdefault("floors", dict(defaults["floors"]))
+        if "non_inferiority" not in gate:
+            improved = gate.get("improvement") if isinstance(gate.get("improvement"), dict) else {}
+            gate["non_inferiority"] = {m: v for m, v in defaults["non_inferiority"].items() if m not in improved}
+        return {**raw, "gate": gate}
 
     @classmethod
     def from_json(cls, text: str) -> Config:

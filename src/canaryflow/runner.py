@@ -143,7 +143,7 @@ def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line
         sink = _LineSink(log, on_line)
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             try:
-                build_pipeline(cfg, local=True)(config_json=cfg.model_dump_json(), run_key=run_key)
+                build_pipeline(cfg, local=True)(config_json=cfg.to_json(), run_key=run_key)
             except Exception as exc:  # kfp.local raises RuntimeError naming the failed task
                 error = exc
     summary = read_summary(cfg, run_key)

@@ -15,7 +15,15 @@ from tests.conftest import run_cli
         (["run", "--set", "data.train=/tmp/*.nothing-matches"], "error: data.train: no file matches"),
         (["run", "--set", "model.task=classification"], "error: model.task classification needs your data"),
         (
-            ["run", "--set", "model.task=classification", "--set", "data.train=/etc/hostname"],
+            [
+                "run",
+                "--set",
+                "model.task=classification",
+                "--set",
+                "gate.floors={bleu: 10}",
+                "--set",
+                "data.train=/etc/hostname",
+            ],  # fmt: skip
             "error: gate names 'bleu', which a classification model is not scored on",
         ),
         (["run", "--bogus-flag"], "error: No such option: --bogus-flag"),

@@ -257,16 +257,26 @@ def test_summary_renders_for_a_person(lifecycle_run):
 
 
 def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
+    """From a base model and data in a folder named like a virtualenv's site-packages: kfp.local rewrites the text
+    `python3` in every executor argument (Config.to_json), and the paths must reach the steps as given."""
+    from canaryflow.training.fine_tune import tiny_model
     from tests.unit.test_training import _reviews
 
     files = {}
+    where = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    where.mkdir(parents=True)
     for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
-        files[split] = tmp_path / f"{split}.jsonl"
+        files[split] = where / f"{split}.jsonl"
         files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
+    # The tiny classifier, untrained, saved where pip-shipped models live: the run fine-tunes it from there.
+    cfg = load_config(REPO / "configs" / "classification.yaml")
+    tokenizer, model = tiny_model(cfg, [r["text"] for r in _reviews(400, 0)], ["negative", "positive"])
+    tokenizer.save_pretrained(where / "base")
+    model.save_pretrained(where / "base")
     args = ["run", "--json", "--config", "configs/classification.yaml", "--workdir", str(tmp_path / "wd")]
     for split, path in files.items():
         args += ["--set", f"data.{split}={path}"]
-    args += ["--set", "train.max_steps=80", *quick_canary_args()]
+    args += ["--set", f"model.base={where / 'base'}", "--set", "train.max_steps=80", *quick_canary_args()]
     first = run_cli(*args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout)

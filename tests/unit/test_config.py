@@ -82,3 +82,30 @@ def test_only_the_database_secret_is_scoped_by_default():
     assert scoped == {"canaryflow-mlflow-lock": ["canary_rollout"]}
     with pytest.raises(BadInputError, match=r"cluster.secrets.0.steps.0"):
         load_config(overrides=["cluster.secrets=[{secret: s, keys: {k: K}, steps: [deploy]}]"])
+
+
+def test_the_dags_config_parameter_never_holds_the_text_kfp_local_rewrites():
+    """kfp.local replaces `python3` in executor arguments with its interpreter's path (kubeflow/pipelines#14459):
+    the JSON the DAG gets spells it otherwise, and reads back as it was."""
+    from canaryflow.config import Config
+
+    paths = ["model.base=/srv/venv/lib/python3.11/site-packages/m", "data.train=/data/python3/train.jsonl"]
+    cfg = load_config(overrides=paths)
+    text = cfg.to_json()
+    assert "python3" not in text
+    assert Config.from_json(text) == cfg and Config.from_json(text).model.base.endswith("python3.11/site-packages/m")
+
+
+def test_the_gate_follows_the_task_unless_the_config_names_one():
+    from canaryflow.config import TASK_GATES
+
+    classifier = load_config(overrides=["model.task=classification"]).gate
+    assert (classifier.floors, classifier.non_inferiority) == (
+        TASK_GATES["classification"]["floors"], TASK_GATES["classification"]["non_inferiority"]
+    )  # fmt: skip
+    named = load_config(overrides=["model.task=classification", "gate.floors={accuracy: 60}"]).gate
+    assert named.floors == {"accuracy": 60} and named.non_inferiority == {"macro_f1": 1.0, "accuracy": 1.0}
+    # A metric that must improve takes no default margin beside it (which would be refused as two rules).
+    improving = load_config(overrides=["gate.improvement={bleu: 0.5}"]).gate
+    assert improving.improvement == {"bleu": 0.5} and improving.non_inferiority == {"chrf": 2.0}
+    assert load_config(REPO / "configs" / "classification.yaml").gate == classifier

@@ -152,3 +152,32 @@ def test_normalization_and_word_counts_are_vectorized_but_exact():
     texts = ["  Hello\tWorld  x", "a  b", "", "one", "A\n\nB c", " \r\n lead and trail \t", "x\u00a0y"]
     assert normalized(texts).to_pylist() == [" ".join(t.lower().split()) for t in texts[:6]] + ["x\u00a0y"]
     assert list(word_counts(texts))[:6] == [len(t.split()) for t in texts[:6]]
+
+
+def test_inputs_in_two_given_splits_leave_train_and_the_test_split_stays_whole(tmp_path, demo_files):
+    """A public benchmark's own split may share a few short inputs (e.g. "no") between train and test: by
+    default they leave train, the data card counts them and shows them, and the split the gate scores is intact;
+    `data.on_leakage: fail` stops the stage as before."""
+    from canaryflow.data.card import render_markdown
+
+    train = [json.loads(line) for line in demo_files["train"].read_text().splitlines()]
+    test = [json.loads(line) for line in demo_files["test"].read_text().splitlines()]
+    validation = [json.loads(line) for line in demo_files["validation"].read_text().splitlines()]
+    shared = [{"input": "No", "target": "train says no"}, {"input": "  QUESTION 7 ", "target": "t"}]
+    _jsonl(tmp_path / "train.jsonl", train + shared)
+    _jsonl(tmp_path / "test.jsonl", test + [{"input": "no", "target": "test says no"}, {"input": "question 7",
+                                                                                        "target": "x"}])  # fmt: skip
+    _jsonl(tmp_path / "validation.jsonl", validation + [{"input": "question 7", "target": "y"}])
+    files = {split: tmp_path / f"{split}.jsonl" for split in ("train", "validation", "test")}
+    card = prepare_data(demo_config(files), tmp_path / "out")
+    pairs = card["leakage"]["pairs"]
+    assert pairs["train/test"] == {"inputs": 2, "rows_dropped_from": "train", "rows": 2,
+                                   "examples": ["no", "question 7"]}  # fmt: skip
+    assert pairs["validation/test"]["rows_dropped_from"] == "validation" and "train/validation" not in pairs
+    assert card["counts"]["train"] == len(train) and card["counts"]["validation"] == len(validation)
+    scored = read_pairs(tmp_path / "out", "test")
+    assert {"no", "question 7"} <= {i.strip().lower() for i in scored["input"]}  # the gate's split is whole
+    assert "'no', 'question 7'" in render_markdown(card) and "dropped from train" in render_markdown(card)
+    with pytest.raises(BadInputError, match=r"^data: 2 input\(s\) appear in both train and test, e.g. 'no'"):
+        prepare_data(demo_config(files, "data.on_leakage=fail"), tmp_path / "failed")
+    assert not (tmp_path / "failed").exists()

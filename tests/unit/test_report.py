@@ -86,3 +86,16 @@ def test_the_model_card_and_the_run_summary_carry_the_gate_s_warnings():
     out = io.StringIO()
     render_summary({"gate": {"passed": True, "reasons": []}}, Console(file=out, width=200))
     assert "warning" not in out.getvalue()
+
+
+def test_tables_piped_into_a_log_keep_their_cells_whole(monkeypatch, capsys):
+    """Under CI or `| less` there is no terminal: a registry table is not cut at Rich's 80 columns."""
+    from canaryflow import cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    stamp, reason = "2026-12-02 00:58:13", "rolled back: step at 50%: error rate 3.2x the champion's " * 2
+    cli._print_rows([{"version": 7, "registered": stamp, "alias": "challenger", "why": reason}], "history", False)
+    shown = capsys.readouterr().err
+    assert stamp in shown and reason.strip() in shown and "…" not in shown
+    monkeypatch.setenv("COLUMNS", "100")  # a width asked for is kept
+    assert cli._console().width == 100

@@ -141,6 +141,7 @@ def render_markdown(card: dict) -> str:
         f"- Content hash: `{card['content_hash']}`.",
         "",
     ]
+    lines += _leakage_lines(card.get("leakage"))
     lines += ["## Lengths (words)", "", *_length_table(card.get("lengths", {}))]
     tokens = card.get("token_lengths")
     if tokens:
@@ -197,6 +198,19 @@ def plot_input_lengths(card: dict, ax=None):
     ax.legend()
     ax.figure.tight_layout()
     return ax
+
+
+def _leakage_lines(leakage: dict | None) -> list[str]:
+    if not leakage or not leakage["pairs"]:
+        return []
+    lines = ["## Inputs in two splits", ""]
+    for pair, found in leakage["pairs"].items():
+        shown = ", ".join(repr(e) for e in found["examples"])
+        lines.append(
+            f"- {pair.replace('/', ' and ')}: {found['inputs']} input(s), {found['rows']} row(s) dropped from "
+            f"{found['rows_dropped_from']} (data.on_leakage: {leakage['policy']}); e.g. {shown}."
+        )
+    return [*lines, ""]
 
 
 def _length_table(lengths: dict[str, dict[str, dict]]) -> list[str]:

@@ -198,19 +198,32 @@ def _carve(train: pa.Table, cfg: Config, missing: list[str]) -> dict[str, pa.Tab
     return out
 
 
-def _check_leakage(tables: dict[str, pa.Table], carved: set[str]) -> None:
-    """No normalized input in two splits. Splits carved from one pool by input are apart by construction."""
-    seen: dict[str, pa.Array] = {}
+LEAKAGE_EXAMPLES = 5  # inputs shown per pair of splits in the data card
+
+
+def _leakage(tables: dict[str, pa.Table], carved: set[str], policy: str) -> dict:
+    """No normalized input in two splits. Splits carved from one pool by input are apart by construction. A shared
+    input leaves the split less evaluated (train, then validation; test is what the gate scores) under `drop`,
+    and stops the stage under `fail`. Returns, per pair, how many inputs were shared and a few of them."""
+    found: dict[str, dict] = {}
     for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
         if a in carved and b in carved:
             continue
-        for split in (a, b):
-            if split not in seen:
-                seen[split] = pc.unique(tables[split].column("norm"))
-        shared = seen[a].filter(pc.is_in(seen[a], value_set=seen[b]))
-        if len(shared):
-            example = shared.take(pc.sort_indices(shared)[:1])[0].as_py()
-            raise BadInputError(f"data: {len(shared)} input(s) appear in both {a} and {b}, e.g. {example!r}")
+        keys = pc.unique(tables[a].column("norm"))
+        shared = keys.filter(pc.is_in(keys, value_set=pc.unique(tables[b].column("norm"))))
+        if not len(shared):
+            continue
+        examples = shared.take(pc.sort_indices(shared)[:LEAKAGE_EXAMPLES]).to_pylist()
+        if policy == "fail":
+            raise BadInputError(
+                f"data: {len(shared)} input(s) appear in both {a} and {b}, e.g. {examples[0]!r} "
+                "(data.on_leakage: drop removes them from the less evaluated split)"
+            )
+        before = tables[a].num_rows
+        tables[a] = tables[a].filter(pc.invert(pc.is_in(tables[a].column("norm"), value_set=shared)))
+        found[f"{a}/{b}"] = {"inputs": len(shared), "rows_dropped_from": a, "rows": before - tables[a].num_rows,
+                             "examples": examples}  # fmt: skip
+    return found
 
 
 def content_hash(splits: dict[str, pa.Table]) -> str:
@@ -320,13 +333,13 @@ def prepare_data(
     if missing:
         tables.update(_carve(tables["train"], cfg, missing))
 
+    leakage = _leakage(tables, carved={"train", *missing} if missing else set(), policy=cfg.data.on_leakage)
     for split in SPLITS:
         if tables[split].num_rows < cfg.data.min_split_rows:
             raise BadInputError(
-                f"data.{split}: {tables[split].num_rows} rows after cleaning and deduplication, "
+                f"data.{split}: {tables[split].num_rows} rows after cleaning, deduplication and leakage, "
                 f"fewer than data.min_split_rows {cfg.data.min_split_rows}"
             )
-    _check_leakage(tables, carved={"train", *missing} if missing else set())
 
     words = {
         split: {col: tables[split].column(f"{col}_words").to_numpy() for col in ("input", "target")} for split in SPLITS
@@ -340,6 +353,7 @@ def prepare_data(
         "test_inputs": test_inputs,
         "dropped": dropped,
         "duplicates": {split: f["duplicates"] for split, f in found.items()},
+        "leakage": {"policy": cfg.data.on_leakage, "pairs": leakage},
         "overlength": {
             "limit_words": cfg.data.max_source_length,
             "policy": cfg.data.overlength,

@@ -60,24 +60,26 @@ def _tiny_config(cfg: Config, tokenizer, labels: list[str] | None):
     )
 
 
-def _build_or_load(cfg: Config, base: str, train_texts: list[str], labels: list[str] | None, resume: str | None):
-    """Tokenizer and model: the tiny T5 built from config (its tokenizer trained on the data, or taken
-    from the checkpoint being resumed), or a pretrained model from a directory or the hub."""
-    from transformers import (
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        T5ForConditionalGeneration,
-        T5ForSequenceClassification,
-    )
+def tiny_model(cfg: Config, train_texts: list[str], labels: list[str] | None, resume: str | None = None):
+    """The tiny T5 of `model.tiny`, untrained, with its tokenizer: trained on `train_texts`, or taken from the
+    checkpoint being resumed; a classifier's head when there are `labels`."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration, T5ForSequenceClassification
 
     from canaryflow.training.tokenizer import train_tokenizer
 
+    vocab = cfg.model.tiny.vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(resume) if resume else train_tokenizer(train_texts, vocab)
+    head = T5ForSequenceClassification if labels else T5ForConditionalGeneration
+    return tokenizer, head(_tiny_config(cfg, tokenizer, labels))
+
+
+def _build_or_load(cfg: Config, base: str, train_texts: list[str], labels: list[str] | None, resume: str | None):
+    """Tokenizer and model: the tiny T5 built from config (its tokenizer trained on the data, or taken
+    from the checkpoint being resumed), or a pretrained model from a directory or the hub."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
     if base == TINY_BASE:
-        tiny = cfg.model.tiny
-        tokenizer = AutoTokenizer.from_pretrained(resume) if resume else train_tokenizer(train_texts, tiny.vocab_size)
-        head = T5ForSequenceClassification if labels else T5ForConditionalGeneration
-        return tokenizer, head(_tiny_config(cfg, tokenizer, labels))
+        return tiny_model(cfg, train_texts, labels, resume)
     remote = {"trust_remote_code": cfg.model.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **remote)
