@@ -200,6 +200,13 @@ def print_gate_warnings(summary: dict, console: Console) -> None:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
+STOPPED = {
+    "plateau": "the validation loss stopped falling (train.early_stopping_patience)",
+    "budget": "its step or epoch budget ran out (train.max_steps, train.epochs)",
+    "time": "train.max_seconds ran out",
+}
+
+
 def render_summary(summary: dict, console: Console) -> None:
     data, train = summary.get("data") or {}, summary.get("train") or {}
     metrics = summary.get("metrics") or {}
@@ -226,8 +233,9 @@ def render_summary(summary: dict, console: Console) -> None:
         table.add_row("drift", f"vs champion v{drift['champion_version']}'s data (Jensen-Shannon): {distances}")
     table.add_row(
         "training",
-        f"loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}, "
-        f"{train.get('steps')} steps in {_fmt(train.get('train_seconds'), 1)} s",
+        f"loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))} (validation "
+        f"{_fmt(train.get('val_loss'))}), {train.get('steps')} steps in {_fmt(train.get('train_seconds'), 1)} s"
+        + (f"; stopped: {STOPPED.get(train['stopped'], train['stopped'])}" if train.get("stopped") else ""),
     )
     console.print(table)
     mt = Table(title="challenger vs champion (test set)")

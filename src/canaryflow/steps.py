@@ -101,8 +101,27 @@ def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) 
             )
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         mlflow.log_dict(metrics, "train/train_metrics.json")
+        if metrics.get("learning_curve"):
+            _log_learning_curve(metrics)
         _mark_done("fine_tune")
     return metrics
+
+
+def _log_learning_curve(metrics: dict) -> None:
+    """Validation losses as a metric series beside the training loss, the plot, and why training stopped."""
+    import tempfile
+
+    import mlflow
+
+    from canaryflow.training.health import plot_learning_curve
+
+    for step, loss in metrics["learning_curve"]["validation"]:
+        mlflow.log_metric("train.val_loss", loss, step=int(step))
+    mlflow.set_tag("train.stopped", metrics["stopped"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "learning_curve.png"
+        plot_learning_curve(metrics["learning_curve"], metrics["stopped"], path)
+        mlflow.log_artifact(str(path), "train")
 
 
 @mlflow_step("evaluating")

@@ -98,6 +98,9 @@ def test_fine_tune_logs_every_parameter_and_per_step_telemetry_to_mlflow(chain):
         assert len(history) >= 3 and len({h.step for h in history}) == len(history), metric  # one per logged step
     counters = client.get_metric_history(run.info.run_id, "train.nonfinite_losses")
     assert counters and all(h.value == 0 for h in counters)
+    # Why training stopped, and its learning curve as a plot a reviewer opens in the run.
+    assert run.data.tags["train.stopped"] == "budget"
+    assert "train/learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "train")}
 
 
 def test_evaluate_model_returns_the_gate_and_a_report(chain):

@@ -99,3 +99,17 @@ def test_tables_piped_into_a_log_keep_their_cells_whole(monkeypatch, capsys):
     assert stamp in shown and reason.strip() in shown and "…" not in shown
     monkeypatch.setenv("COLUMNS", "100")  # a width asked for is kept
     assert cli._console().width == 100
+
+
+def test_the_run_summary_says_why_training_stopped():
+    import io
+
+    from rich.console import Console
+
+    from canaryflow.cli import STOPPED, render_summary
+
+    train = {"first_loss": 5.1, "final_loss": 1.2, "val_loss": 1.4, "steps": 620, "train_seconds": 88.0}
+    for reason, text in STOPPED.items():
+        out = io.StringIO()
+        render_summary({"train": {**train, "stopped": reason}}, Console(file=out, width=300))
+        assert f"620 steps in 88.0 s; stopped: {text}" in out.getvalue() and "(validation 1.40" in out.getvalue()

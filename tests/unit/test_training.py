@@ -253,6 +253,31 @@ def test_early_stopping_evaluates_at_checkpoints_and_keeps_the_best(prepared, de
     metrics = fine_tune(cfg, prepared[0], tmp_path / "model", tmp_path / "checkpoints")
     assert metrics["steps"] < 400 and metrics["steps"] % 10 == 0  # stopped early, at an evaluation
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    # Why it stopped, and the curve that shows it: a validation loss at every evaluation, the last no better.
+    assert metrics["stopped"] == "plateau" and metrics["max_steps"] == 400
+    validation = [loss for _, loss in metrics["learning_curve"]["validation"]]
+    assert len(validation) >= 2 and validation[-1] >= min(validation[:-1])
+    assert metrics["learning_curve"]["train"][0][0] < metrics["learning_curve"]["train"][-1][0]
+
+
+def test_training_says_it_stopped_on_its_budget_or_its_time_limit(trained, prepared, demo_files, tmp_path):
+    from canaryflow.training.health import plot_learning_curve
+
+    assert trained[1]["stopped"] == "budget" and trained[1]["steps"] == 40
+    cfg = demo_config(demo_files, "train.max_steps=5000", "train.max_seconds=2", "train.min_loss_ratio=null")
+    metrics = fine_tune(cfg, prepared[0], tmp_path / "model")
+    assert metrics["stopped"] == "time" and 0 < metrics["steps"] < 5000
+    assert (tmp_path / "model" / "model.safetensors").is_file()  # the model so far is kept
+    plot_learning_curve(metrics["learning_curve"], metrics["stopped"], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_data_the_user_brings_trains_by_epochs_until_the_validation_loss_stops_falling(demo_files):
+    from canaryflow.config import USER_DATA_BUDGET, Config
+
+    assert demo_config(demo_files).train.model_dump(include=set(USER_DATA_BUDGET)) == USER_DATA_BUDGET
+    assert Config().train.max_steps == 450 and Config().train.early_stopping_patience == 0  # the demo's budget
+    assert demo_config(demo_files, "train.max_steps=80").train.early_stopping_patience == 0  # a budget given
 
 
 def test_per_example_latency_is_the_time_of_the_batch_it_was_in(trained):

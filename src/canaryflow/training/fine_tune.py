@@ -24,7 +24,7 @@ from canaryflow.config import TINY_BASE, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import BadInputError, CanaryflowError
 from canaryflow.training.checkpoints import ensure_writable
-from canaryflow.training.health import HealthGuard, OnMetrics, Telemetry, peak_memory_mb
+from canaryflow.training.health import HealthGuard, OnMetrics, Telemetry, TimeLimit, learning_curve, peak_memory_mb
 from canaryflow.training.precision import Precision, choose, current_device
 
 FINGERPRINT = "canaryflow-fingerprint.txt"
@@ -226,6 +226,15 @@ def _classification_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
+def _why_stopped(cfg: Config, timer, early, step: int, total: int) -> str:
+    """plateau (the validation loss stopped falling), time (train.max_seconds) or budget (steps or epochs)."""
+    if timer.tripped and step < total:
+        return "time"
+    if cfg.train.early_stopping_patience and early.early_stopping_patience_counter >= early.early_stopping_patience:
+        return "plateau"
+    return "budget"
+
+
 def _losses(log_history: list[dict]) -> list[float]:
     return [float(entry["loss"]) for entry in log_history if "loss" in entry]
 
@@ -298,9 +307,11 @@ def fine_tune(
         progress.emit("train", step, of, loss=round(loss, 4), **guard.counters())
 
     telemetry = Telemetry(guard, samples_per_step, on_metrics or (lambda step, m: None), show)
-    callbacks = [guard, telemetry]
+    timer = TimeLimit(cfg.train.max_seconds)
+    callbacks = [guard, telemetry, timer]
+    early = EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience)
     if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+        callbacks.append(early)
     if classify:
         trainer_class, args = Trainer, TrainingArguments(**arguments)
         collator, extra = DataCollatorWithPadding(tokenizer), {"compute_metrics": _classification_metrics}
@@ -347,6 +358,7 @@ def fine_tune(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     steps_run = int(result.global_step) - resumed_from
+    stopped = _why_stopped(cfg, timer, early, int(result.global_step), total)
     metrics = {
         "train_loss": float(result.training_loss),
         "first_loss": losses[0],
@@ -362,6 +374,9 @@ def fine_tune(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "base": cfg.model.base,
         "task": cfg.model.task,
+        "stopped": stopped,
+        "max_steps": total,
+        "learning_curve": learning_curve(trainer.state.log_history),
         **guard.counters(),
     }
     if classify:

@@ -57,6 +57,50 @@ class HealthGuard(TrainerCallback):
         )
 
 
+class TimeLimit(TrainerCallback):
+    """Ends training after `seconds` (train.max_seconds), keeping the model as it is then."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.started, self.tripped = seconds, 0.0, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is not None and time.perf_counter() - self.started >= self.seconds:
+            # Logged too, so the loss of the last step is known whatever logging_steps says.
+            self.tripped = control.should_training_stop = control.should_log = True
+
+
+def learning_curve(log_history: list[dict]) -> dict[str, list[list[float]]]:
+    """[step, loss] of every logged training step and every validation, from the Trainer's log history."""
+    return {
+        "train": [[entry["step"], float(entry["loss"])] for entry in log_history if "loss" in entry],
+        "validation": [[entry["step"], float(entry["eval_loss"])] for entry in log_history if "eval_loss" in entry],
+    }
+
+
+def plot_learning_curve(curve: dict[str, list[list[float]]], stopped: str, path) -> None:
+    """Training and validation loss against the step, titled with why training stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, marker in (("train", ""), ("validation", "o")):
+        if curve[name]:
+            steps, losses = zip(*curve[name])
+            ax.plot(steps, losses, marker=marker, label=f"{name} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"learning curve (stopped: {stopped})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory where training runs on one, else the process's peak resident memory."""
     import torch
