@@ -9,6 +9,28 @@ def test_defaults_are_the_shipped_demo_config():
     assert load_config(REPO / "configs" / "demo.yaml") == Config()
 
 
+def _keys(section, written, prefix=""):
+    """Every field of a config section, as dotted keys, missing from `written` (its YAML mapping)."""
+    from pydantic import BaseModel
+
+    missing = []
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if not isinstance(written, dict) or name not in written:
+            missing.append(prefix + name)
+        elif isinstance(value, BaseModel):
+            missing += _keys(value, written[name], f"{prefix}{name}.")
+    return missing
+
+
+def test_the_demo_config_spells_out_every_key():
+    import yaml
+
+    written = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    # The SLIs' PromQL: five long expressions over canaryflow's own metrics; the file says where they are.
+    assert _keys(Config(), written) == ["canary.kserve.queries"]
+
+
 def test_set_overrides_keep_yaml_types():
     cfg = load_config(overrides=["train.max_steps=50", "canary.steps=[5, 100]", "data.train=a.jsonl"])
     assert cfg.train.max_steps == 50
