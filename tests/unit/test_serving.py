@@ -327,6 +327,19 @@ def test_garbage_fault_answers_200_with_unrelated_text(faulty):
 # --- an MLflow model directory, and faults through LocalBackend -----------------------------------------------
 
 
+@pytest.fixture
+def registry_cfg(tmp_path):
+    from canaryflow.config import load_config
+    from canaryflow.registry.tracking import sqlite_uri
+
+    def make(*overrides: str):
+        return load_config(
+            overrides=[f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'wd')}", "registry.model_name=gen", *overrides]
+        )
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def mlflow_model_dir(trained, prepared, tmp_path_factory):
     """What KServe's storage initializer leaves in /mnt/models for a version canaryflow registered."""
@@ -358,6 +371,32 @@ def test_load_generator_reads_an_mlflow_model_directory(mlflow_model_dir, traine
         torch.set_num_threads(threads)  # the server's setting must not slow the rest of the session
     assert generator.generate(INPUTS) == Seq2SeqGenerator(trained[0]).generate(INPUTS)
     assert profile == prepared[1]["profile"]  # the training data's profile travels inside the model
+
+
+def test_a_registered_version_is_served_with_the_generation_it_was_evaluated_with(trained, registry_cfg, tmp_path):
+    """eval.max_new_tokens travels with the registered version, and the model server, which loads it as KServe's
+    predictor does, generates no more tokens than that: a config change reaches serving through a new version."""
+    import mlflow
+    import torch
+
+    from canaryflow.registry import models
+    from tests.unit.test_registry import _evaluation
+
+    cfg = registry_cfg("eval.max_new_tokens=3")
+    version = models.register_candidate(cfg, "short", trained[0], _evaluation(True), {"data_hash": "abc"})
+    # What KServe's storage initializer puts in /mnt/models: the version's whole MLflow model directory.
+    where = mlflow.artifacts.download_artifacts(artifact_uri=models.model_uri(cfg, version), dst_path=str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        generator, _ = load_generator(where, num_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert generator.generation == {"num_beams": 1, "max_new_tokens": 3}
+    unbounded = Seq2SeqGenerator(trained[0]).generate(INPUTS)  # the default, 64 new tokens
+    served = generator.generate(INPUTS)
+    tokens = [len(generator.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in served]
+    assert max(tokens) <= 3 and served != unbounded
+    assert models.load_generator(cfg, version).generation["max_new_tokens"] == 3  # in-process loaders too
 
 
 def test_local_backend_serves_an_mlflow_model_dir_and_crashes_as_told(mlflow_model_dir, tmp_path):

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# How a model generates when nothing says otherwise; a registered version carries its own (eval.num_beams and
+# eval.max_new_tokens when it was trained, in its pyfunc model_config), which every loader of it applies.
+GENERATION = {"num_beams": 1, "max_new_tokens": 64}
+
 
 class _Predictor:
     """Loads tokenizer and model, and runs inputs through them in length-sorted batches."""
@@ -26,6 +30,7 @@ class _Predictor:
         self.model = auto.from_pretrained(str(model_dir), use_safetensors=True).to(self.device)
         self.model.eval()
         self.max_source_length = max_source_length
+        self.generation = dict(GENERATION)
 
     AUTO_CLASS = ""
 
@@ -33,19 +38,22 @@ class _Predictor:
         raise NotImplementedError
 
     def generate(
-        self, inputs: list[str], batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 64
+        self, inputs: list[str], batch_size: int = 64, num_beams: int | None = None, max_new_tokens: int | None = None
     ) -> list[str]:
-        """One output per input, in input order."""
+        """One output per input, in input order; beams and new tokens default to the model's `generation`."""
         return self.generate_timed(inputs, batch_size, num_beams, max_new_tokens)[0]
 
     def generate_timed(
-        self, inputs: list[str], batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 64
+        self, inputs: list[str], batch_size: int = 64, num_beams: int | None = None, max_new_tokens: int | None = None
     ) -> tuple[list[str], list[float]]:
         """Outputs in input order, and each input's latency in ms: the time its batch took, which is how
         long a caller waiting for that one output would have waited."""
         import time
 
         import torch
+
+        num_beams = num_beams or self.generation["num_beams"]
+        max_new_tokens = max_new_tokens or self.generation["max_new_tokens"]
 
         # Batches of similar length waste little compute on padding.
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))

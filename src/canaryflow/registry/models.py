@@ -144,7 +144,8 @@ def register_candidate(
                     name="model",
                     python_model=str(PYFUNC_ENTRY),
                     artifacts=artifacts,
-                    model_config={"max_source_length": cfg.data.max_source_length},
+                    # Every loader of the version generates as it was evaluated (inference/predictor.py GENERATION).
+                    model_config={"max_source_length": cfg.data.max_source_length, **params},
                     code_paths=[str(_pyfunc_code(Path(tmp) / "code"))],
                     pip_requirements=_requirements(),
                     input_example=(PYFUNC_EXAMPLE_INPUTS, params),

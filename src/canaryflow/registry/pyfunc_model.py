@@ -24,6 +24,8 @@ class Seq2SeqModel(mlflow.pyfunc.PythonModel):
             max_source_length=int(config.get("max_source_length", 128)),
             num_threads=config.get("num_threads"),
         )
+        # How it was evaluated is how it is served: the generation parameters it was registered with.
+        self.generator.generation.update({k: int(config[k]) for k in self.generator.generation if k in config})
         # The training data's input profile (from its data card), so a server can tell how far live inputs
         # have drifted from it; versions logged before it was bundled have none.
         profile = context.artifacts.get("input_profile")
@@ -33,6 +35,6 @@ class Seq2SeqModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         return self.generator.generate(
             list(model_input),
-            num_beams=int(params.get("num_beams", 1)),
-            max_new_tokens=int(params.get("max_new_tokens", 64)),
+            num_beams=int(params.get("num_beams", self.generator.generation["num_beams"])),
+            max_new_tokens=int(params.get("max_new_tokens", self.generator.generation["max_new_tokens"])),
         )
