@@ -677,6 +677,7 @@ def _drift_line(result: dict) -> str:
     action = {
         "triggered": f"; retraining triggered: {json.dumps(result.get('run'))}",
         "cooling_down": f"; no retraining: cooling down until {result.get('next_trigger_after')}",
+        "not_started": f"; retraining not started, the next check retries: {result.get('error')}",
     }.get(result.get("action", "none"), "")
     return f"Drift {verdict}{action}"
 
@@ -791,7 +792,12 @@ def drift_watch(
                 raise drift.NothingStarted(exc) from exc
             return {"where": "kfp", "run_id": submitted["run_id"], "url": submitted["url"]}
 
+    reported: list[dict] = []
+
     def report(result: dict) -> None:
+        reported.append(result)
+        if result["action"] == "not_started" and len(reported) == checks:
+            return  # the watch ends on it: the error line below says it, once
         if json_out:
             print(json.dumps(result), flush=True)
         else:
@@ -799,7 +805,9 @@ def drift_watch(
 
     # Beside a log directory, as it always was; a log in a store gets its state under the workdir.
     state = (workdir.resolve() / "drift" if isinstance(log_dir, str) else log_dir) / "drift-watch.json"
-    drift.watch(cfg, log_dir, drift.WatchState(state), trigger, checks=checks, on_check=report)
+    results = drift.watch(cfg, log_dir, drift.WatchState(state), trigger, checks=checks, on_check=report)
+    if results and results[-1]["action"] == "not_started":  # --checks ran out with no retraining started
+        raise CanaryflowError(results[-1]["error"])
 
 
 @app.command()

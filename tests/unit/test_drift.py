@@ -138,7 +138,23 @@ def test_a_retraining_that_never_started_does_not_start_the_cool_down(tmp_path, 
     def unreachable(result):
         raise drift.NothingStarted(CanaryflowError("cannot reach KFP at http://kfp: connection refused"))
 
-    with pytest.raises(CanaryflowError, match="cannot reach KFP"):
-        drift.step(cfg, directory, state, unreachable, clock, reference)
+    failed = drift.step(cfg, directory, state, unreachable, clock, reference)
+    assert failed["action"] == "not_started" and failed["error"].startswith("cannot reach KFP")
     assert state.last() is None
     assert drift.step(cfg, directory, state, lambda r: {"where": "test"}, clock, reference)["action"] == "triggered"
+
+
+def test_a_watch_goes_on_after_a_retraining_it_could_not_start(tmp_path, reference):
+    """KFP down for one check: the watcher reports it and retries at the next check, as the README says."""
+    directory = _log(tmp_path / "log", SHIFTED)
+    cfg, state = _cfg(), drift.WatchState(directory / "drift-watch.json")
+    attempts = []
+
+    def flaky(result):
+        attempts.append(result["worst"])
+        if len(attempts) == 1:
+            raise drift.NothingStarted(CanaryflowError("cannot reach KFP at http://kfp: connection refused"))
+        return {"where": "test"}
+
+    results = drift.watch(cfg, directory, state, flaky, checks=2, sleep=lambda s: None, reference=reference)
+    assert [r["action"] for r in results] == ["not_started", "triggered"] and len(attempts) == 2

@@ -167,7 +167,8 @@ def step(
     reference: Callable[[], tuple[str, dict] | None] | None = None,
 ) -> dict:
     """One check, and on drift one retraining through `trigger` unless the last one is within the cool-down
-    (or `trigger` is None: report only). Returns the check with `action`: none, triggered or cooling_down."""
+    (or `trigger` is None: report only). Returns the check with `action`: none, triggered, cooling_down, or
+    not_started (with `error`) when the retraining could not be started, which the next check tries again."""
     result = check(cfg, log_dir, reference)
     result["action"] = "none"
     if not result["drifted"] or trigger is None:
@@ -195,7 +196,8 @@ def step(
     except NothingStarted as exc:
         # No retraining exists (KFP unreachable, say): the next check may try again, not a day later.
         state.restore(last)
-        raise exc.cause from None
+        result["action"], result["error"] = "not_started", str(exc.cause)
+        return result
     state.save({**entry, "run": result["run"]})
     return result
 
