@@ -9,20 +9,28 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _execute(name: str, workdir, monkeypatch) -> tuple[list, str]:
-    """Run a notebook top to bottom against the workdir's registry; its outputs, and their text, error-free."""
-    monkeypatch.setenv("CANARYFLOW_WORKDIR", str(workdir))
+def _execute(name: str, workdir, monkeypatch, where=None) -> tuple[list, str]:
+    """Run a notebook top to bottom against the workdir's registry; its outputs, and their text, error-free.
+    With `where`, as opened the usual way: its kernel in `where`, and no variable naming the workdir."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if where is None:
+        monkeypatch.setenv("CANARYFLOW_WORKDIR", str(workdir))
+    else:
+        monkeypatch.delenv("CANARYFLOW_WORKDIR", raising=False)
     nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    path = str(where or REPO)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": path}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     return outputs, "\n".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
 
 
-def test_registry_review_notebook_executes(lifecycle_run, monkeypatch):
+def test_registry_review_notebook_executes(lifecycle_run, monkeypatch, tmp_path):
     workdir, summary = lifecycle_run
-    outputs, text = _execute("01-registry-review.ipynb", workdir, monkeypatch)
+    # A checkout whose `make run` wrote .canaryflow, and a kernel started in its notebooks/ folder.
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / ".canaryflow").symlink_to(workdir)
+    outputs, text = _execute("01-registry-review.ipynb", workdir, monkeypatch, where=tmp_path / "notebooks")
     assert f"'champion': '{summary['registry']['aliases']['champion']}'" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered
     assert "passed" in text

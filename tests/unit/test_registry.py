@@ -249,3 +249,22 @@ def test_a_registered_version_answers_where_canaryflow_is_not_installed(registry
     signature = mlflow.models.get_model_info(uri).signature
     assert {p.name: p.default for p in signature.params.params} == {"num_beams": 1, "max_new_tokens": 64}
     assert (local / "input_example.json").is_file()
+
+
+def test_a_notebook_finds_the_workdir_from_its_own_folder(tmp_path, monkeypatch):
+    from canaryflow.errors import BadInputError
+    from canaryflow.registry.review import notebook_registry
+
+    for name in ("MLFLOW_TRACKING_URI", "CANARYFLOW_WORKDIR"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".canaryflow").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    with pytest.raises(BadInputError, match=r"no registry in .*notebooks/\.canaryflow or any folder above it"):
+        notebook_registry(tmp_path / "notebooks")  # a workdir with no registry in it is not one
+    (tmp_path / ".canaryflow" / "mlflow.db").touch()
+    cfg, uri = notebook_registry(tmp_path / "notebooks")
+    assert uri == f"sqlite:///{tmp_path.resolve() / '.canaryflow' / 'mlflow.db'}" == cfg.mlflow.tracking_uri
+    monkeypatch.setenv("CANARYFLOW_WORKDIR", str(tmp_path / "elsewhere"))  # named: taken as it is
+    assert notebook_registry(tmp_path / "notebooks")[1].endswith("elsewhere/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert notebook_registry(tmp_path)[1] == "http://mlflow:5000"

@@ -5,11 +5,34 @@ Used by the review notebook (and meant for `canaryflow registry list`), so both 
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
-from canaryflow.config import Config
+from canaryflow.config import Config, load_config
+from canaryflow.errors import BadInputError
 from canaryflow.registry.models import aliases
-from canaryflow.registry.tracking import configure
+from canaryflow.registry.tracking import configure, sqlite_uri
+
+DEFAULT_WORKDIR = ".canaryflow"
+
+
+def notebook_registry(start: Path | None = None) -> tuple[Config, str]:
+    """The config and tracking URI a notebook reviews: $MLFLOW_TRACKING_URI, else $CANARYFLOW_WORKDIR's SQLite
+    registry, else the nearest `.canaryflow` holding one in the working folder or a folder above it. A kernel
+    opened the usual way starts in notebooks/, one below the workdir `make run` writes."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        given = os.environ.get("CANARYFLOW_WORKDIR")
+        here = (start or Path.cwd()).resolve()
+        found = [d / DEFAULT_WORKDIR for d in (here, *here.parents) if (d / DEFAULT_WORKDIR / "mlflow.db").is_file()]
+        if given is None and not found:
+            raise BadInputError(
+                f"no registry in {here / DEFAULT_WORKDIR} or any folder above it: run `make run` first, or set "
+                "CANARYFLOW_WORKDIR (a workdir) or MLFLOW_TRACKING_URI (a tracking server)"
+            )
+        uri = sqlite_uri(given if given is not None else found[0])
+    return load_config(overrides=[f"mlflow.tracking_uri={uri}"]), uri
 
 
 def version_rows(cfg: Config) -> list[dict]:
