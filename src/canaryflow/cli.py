@@ -47,6 +47,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config fi
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: KEY=VALUE, repeatable.")]
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Where the SQLite registry, artifacts and logs live.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress goes to stderr.")]
+RowsJsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON array of rows on stdout.")]
 TrackingOpt = Annotated[
     str | None, typer.Option("--tracking-uri", help="An MLflow server instead of the workdir's SQLite store.")
 ]
@@ -499,7 +500,7 @@ def registry_list(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
-    json_out: JsonOpt = False,
+    json_out: RowsJsonOpt = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Every registered version: alias, gate and canary verdicts, why, metrics."""
@@ -515,7 +516,7 @@ def registry_show(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
-    json_out: JsonOpt = False,
+    json_out: RowsJsonOpt = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """One version: its lineage, verdicts with their statistics, and metrics (all its tags)."""
@@ -540,7 +541,7 @@ def registry_history(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
-    json_out: JsonOpt = False,
+    json_out: RowsJsonOpt = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """The ledger: every alias move, who made it, when, from which version to which, and why."""
