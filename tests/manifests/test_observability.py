@@ -492,3 +492,54 @@ def test_every_expression_reads_some_canaryflow_metric(where):
     assert found
     for key, expr in found.items():
         assert names_in(expr), key
+
+
+def _synopses() -> dict[str, str]:
+    """README's Commands block: each command ("registry list", "drift watch", ...) and its synopsis text, the
+    continuation lines included."""
+    block = (REPO / "README.md").read_text().split("\n## Commands\n", 1)[1].split("```")[1]
+    found: dict[str, str] = {}
+    names: list[str] = []
+    for line in block.splitlines():
+        text = line.split("#", 1)[0]
+        if line.startswith("canaryflow "):
+            words = text.split()
+            if words[1] in ("registry", "canary", "drift", "data"):
+                subs = [w for w in text.split("[", 1)[0].split()[2:] if w.isalpha() and w.islower()]
+                names = [f"{words[1]} {s}" for s in subs]
+            else:
+                names = [words[1]]
+            for name in names:
+                found[name] = text
+        elif names:
+            for name in names:
+                found[name] += " " + text
+    return found
+
+
+def test_every_flag_a_runbook_uses_is_in_the_readmes_synopsis_and_parses():
+    """An on-call engineer reads the runbook's command, then the README: both must agree, and the CLI take it."""
+    import shlex
+
+    import typer
+
+    from canaryflow.cli import app
+
+    synopses = _synopses()
+    cf = re.search(r'^CF="([^"]+)"', (RUNBOOKS / "README.md").read_text(), flags=re.M).group(1)
+    root = typer.main.get_command(app)
+    checked = 0
+    for path in RUNBOOKS.glob("*.md"):
+        for line in re.findall(r"^\s*(canaryflow [a-z].*)$", path.read_text(), flags=re.M):
+            # N stands for a version number in the runbooks.
+            words = ["2" if w == "N" else w for w in shlex.split(line.split("  #", 1)[0].replace("$CF", cf))]
+            command = root.commands[words[1]]
+            name = words[1]
+            if words[1] in ("registry", "canary", "drift", "data"):
+                command, name = command.commands[words[2]], f"{words[1]} {words[2]}"
+            flags = {w.split("=", 1)[0] for w in words if w.startswith("--")}
+            for flag in flags:
+                assert flag in synopses[name], f"{path.name}: `canaryflow {name} {flag}` is not in README's synopsis"
+            command.make_context(f"canaryflow {name}", words[2 + (" " in name) :])
+            checked += 1
+    assert checked >= 10
