@@ -391,13 +391,12 @@ class Connection:
                 "the kubeconfig route goes through the API server's service proxy, which drops Authorization and "
                 f"adds no user identity, so it serves standalone KFP only; {MULTI_USER_FIX}"
             )
-        if multi_user == NO_IDENTITY:
+        if multi_user == NO_IDENTITY and self.credentials is None:
             # ml-pipeline's own chain of wrapped errors says nothing more than this, and runs over a line.
-            if self.credentials is None:
-                return CanaryflowError(
-                    f'KFP at {self.host} is multi-user and got no user identity while {doing} ({what}: "{NO_IDENTITY}"'
-                    "): no credentials were sent: give --token or set KFP_TOKEN"
-                )
+            return CanaryflowError(
+                f'KFP at {self.host} is multi-user and got no user identity while {doing} ({what}: "{NO_IDENTITY}"'
+                "): no credentials were sent: give --token or set KFP_TOKEN"
+            )
         if multi_user == NO_NAMESPACE:
             return CanaryflowError(
                 f"KFP at {self.host} is multi-user and needs a namespace while {doing} ({what}): give --namespace, "

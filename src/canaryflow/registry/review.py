@@ -22,16 +22,17 @@ def notebook_registry(start: Path | None = None) -> tuple[Config, str]:
     registry, else the nearest `.canaryflow` holding one in the working folder or a folder above it. A kernel
     opened the usual way starts in notebooks/, one below the workdir `make run` writes."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        given = os.environ.get("CANARYFLOW_WORKDIR")
+    workdir = os.environ.get("CANARYFLOW_WORKDIR")
+    if not uri and workdir is None:
         here = (start or Path.cwd()).resolve()
-        found = [d / DEFAULT_WORKDIR for d in (here, *here.parents) if (d / DEFAULT_WORKDIR / "mlflow.db").is_file()]
-        if given is None and not found:
+        found = (d / DEFAULT_WORKDIR for d in (here, *here.parents) if (d / DEFAULT_WORKDIR / "mlflow.db").is_file())
+        workdir = next(found, None)
+        if workdir is None:
             raise BadInputError(
                 f"no registry in {here / DEFAULT_WORKDIR} or any folder above it: run `make run` first, or set "
                 "CANARYFLOW_WORKDIR (a workdir) or MLFLOW_TRACKING_URI (a tracking server)"
             )
-        uri = sqlite_uri(given if given is not None else found[0])
+    uri = uri or sqlite_uri(workdir)
     return load_config(overrides=[f"mlflow.tracking_uri={uri}"]), uri
 
 

@@ -112,7 +112,7 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
             found = analysis.bounds(evidence, policy, phase)
             decision = analysis.look(
                 found, step_requests, traffic.elapsed() - phase_started, policy, limit, phase != "steps" or
-                step == deciding, limit_seconds, not has_champion or weight < 100,
+                step == deciding, limit_seconds, weight < 100,
             )  # fmt: skip
             if decision.action == INCONCLUSIVE and mirrored:
                 # The shadow phase ran its requests and found no harm: the traffic steps decide.
