@@ -833,6 +833,15 @@ def serve(
             "--model-name", help="The name KServe's V1 and v2 routes answer for (default: registry.model_name)."
         ),
     ] = None,
+    serving_config: Annotated[
+        str | None,
+        typer.Option(
+            "--serving-config",
+            envvar="CANARYFLOW_SERVING_CONFIG",  # rollout/kserve.py SERVING_ENV
+            help="The serving section as JSON, in place of the config's: what the canary step gives a KServe "
+            "predictor. With it, inputs are logged only where its input_log sets dir or upload_uri.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path(".canaryflow"),
@@ -840,7 +849,8 @@ def serve(
 ) -> None:
     """Serve one model over HTTP: /predict, KServe's V1 (/v1/models/NAME:predict) and the Open Inference
     Protocol v2 (/v2/models/NAME/infer), /health and /metrics. The config's serving section sets the input
-    limits, batching and the input log (default: under --workdir, which `drift check` reads)."""
+    limits, batching and the input log (default: under --workdir, which `drift check` reads; with
+    --serving-config, only where that says)."""
     import mlflow
 
     from canaryflow.registry.tracking import sqlite_uri
@@ -859,8 +869,12 @@ def serve(
         model_version = resolve_version(model_uri)
     args = ["--model-uri", model_uri, "--host", host, "--port", str(port), "--variant", variant]
     args += ["--model-name", model_name or cfg.registry.model_name]
-    args += ["--model-version", model_version or "unknown", "--serving-config", cfg.serving.model_dump_json()]
-    args += ["--input-log-dir", cfg.serving.input_log.dir or str(input_log_dir(workdir))]
+    args += ["--model-version", model_version or "unknown"]
+    if serving_config is None:
+        args += ["--serving-config", cfg.serving.model_dump_json()]
+        args += ["--input-log-dir", cfg.serving.input_log.dir or str(input_log_dir(workdir))]
+    else:  # a predictor's: its inputs stay in the pod unless the config says where they may go
+        args += ["--serving-config", serving_config]
     code = serve_main(args)
     if code:
         raise typer.Exit(code)

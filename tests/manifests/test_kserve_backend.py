@@ -47,6 +47,7 @@ from canaryflow.rollout.kserve import (
     MODE_ANNOTATION,
     PLURAL,
     POLL_S,
+    SERVING_ENV,
     VERSION,
     VERSION_ENV,
     CanaryLease,
@@ -56,6 +57,7 @@ from canaryflow.rollout.kserve import (
     VariantCounts,
     bucket_bound,
     inference_service,
+    predictor_env,
     prometheus_query,
     rollback_on_signals,
     storage_uri,
@@ -143,8 +145,9 @@ class FakeKServe:
         obj["metadata"]["resourceVersion"] = str(self._version)
 
     def seed(self, storage: str, annotations: dict | None = None) -> None:
-        """An InferenceService already serving `storage`, put there without the backend's calls."""
-        obj = inference_service(NAME, storage, NS, VERSIONS.get(storage))
+        """An InferenceService already serving `storage`, put there without the backend's calls (as a run with
+        the default config left it)."""
+        obj = inference_service(NAME, storage, NS, VERSIONS.get(storage), env=predictor_env(_config()))
         obj["metadata"]["annotations"] = annotations if annotations is not None else obj["metadata"]["annotations"]
         obj["metadata"]["generation"] = 1
         self.objects[NAME] = obj
@@ -457,7 +460,43 @@ def test_the_runtime_runs_canaryflows_server_on_what_kserve_downloads():
     assert args[args.index("--model-name") + 1] == "{{.Name}}"  # the InferenceService's name, from KServe
     assert runtime["spec"]["protocolVersions"] == ["v1", "v2"]
     assert {p["containerPort"] for p in container["ports"]} == {kserve.PORT}
+    # Without the canary step's serving section (an InferenceService applied by hand): defaults, no input log.
+    assert container["env"] == [{"name": kserve.SERVING_ENV, "value": "{}"}]
     assert _base_isvc()["spec"]["predictor"]["model"]["runtime"] == kserve.RUNTIME
+
+
+def test_the_predictor_gets_the_runs_serving_section_and_upload_secrets_only_to_ship_the_log(kserve):
+    backend, fake, _ = kserve(["serving.max_inputs_per_request=5", "serving.input_log.sample_rate=0.5"])
+    backend.deploy(CHAMPION_URI, CHALLENGER_URI)
+    env = {e["name"]: e for e in fake.objects[NAME]["spec"]["predictor"]["model"]["env"]}
+    assert json.loads(env[SERVING_ENV]["value"]) == {**_config().serving.model_dump(), "max_inputs_per_request": 5,
+        "input_log": {**_config().serving.input_log.model_dump(), "sample_rate": 0.5}}  # fmt: skip
+    assert set(env) == {VERSION_ENV, SERVING_ENV}  # nothing to ship: no credentials in the pod
+
+    def refs(uri):
+        shipped = predictor_env(_config(f"serving.input_log.upload_uri={uri}"))
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in shipped if "valueFrom" in e}
+
+    # Each gets what shipping there needs: never the HF token or the promotion lock.
+    assert refs("s3://canaryflow-logs/input-log") == {
+        "AWS_ACCESS_KEY_ID": {"name": "canaryflow-s3", "key": "access-key-id"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "canaryflow-s3", "key": "secret-access-key"},
+        "MLFLOW_S3_ENDPOINT_URL": {"name": "canaryflow-s3", "key": "endpoint-url"},
+    }
+    assert refs("mlflow-artifacts:/input-log") == {
+        "MLFLOW_TRACKING_URI": {"name": "canaryflow-mlflow", "key": "tracking-uri"},
+        "MLFLOW_TRACKING_USERNAME": {"name": "canaryflow-mlflow-auth", "key": "username", "optional": True},
+        "MLFLOW_TRACKING_PASSWORD": {"name": "canaryflow-mlflow-auth", "key": "password", "optional": True},
+    }
+    off = _config("serving.input_log.upload_uri=s3://logs/x", "serving.input_log.enabled=false")
+    assert [e["name"] for e in predictor_env(off)] == [SERVING_ENV]
+
+
+def test_a_rollout_replaces_the_serving_env_a_previous_run_left(kserve):
+    backend, fake, _ = kserve(["serving.max_inputs_per_request=5"])
+    backend.deploy(CHAMPION_URI, CHALLENGER_URI)
+    env = fake.objects[NAME]["spec"]["predictor"]["model"]["env"]
+    assert [json.loads(e["value"])["max_inputs_per_request"] for e in env if e["name"] == SERVING_ENV] == [5]
 
 
 @pytest.mark.parametrize(
@@ -479,7 +518,7 @@ def test_the_inferenceservice_pins_serverless_mode():
 def test_deploy_creates_the_missing_service_for_the_champion_then_starts_the_challenger_at_0(kserve):
     backend, fake, _ = kserve(seed=None)
     backend.deploy(CHAMPION_URI, CHALLENGER_URI)
-    assert fake.created == [inference_service(NAME, CHAMPION_URI, NS, version="1")]
+    assert fake.created == [inference_service(NAME, CHAMPION_URI, NS, version="1", env=predictor_env(_config()))]
     assert fake.served() == {CHAMPION_URI: 100, CHALLENGER_URI: 0}
     assert fake.revision(R2).ready and fake.revision(R2).storage == CHALLENGER_URI
 
@@ -490,7 +529,10 @@ def test_challenger_patch_touches_only_the_storage_its_version_and_the_percentag
     (body, changed), *rest = fake.patches
     assert rest == []
     assert changed == {STORAGE_PATH, VERSION_PATH, PERCENT_PATH}
-    assert body["spec"]["predictor"]["model"]["env"] == [{"name": VERSION_ENV, "value": "2"}]
+    assert body["spec"]["predictor"]["model"]["env"] == [
+        {"name": VERSION_ENV, "value": "2"},
+        {"name": SERVING_ENV, "value": _config().serving.model_dump_json()},
+    ]
     assert body["spec"]["predictor"]["canaryTrafficPercent"] == 0
     assert set(body) == {"spec", "metadata"}
     assert set(body["spec"]["predictor"]) == {"canaryTrafficPercent", "model"}
@@ -573,7 +615,7 @@ def test_rollback_gives_the_champion_all_the_traffic_and_leaves_no_percentage(ks
     assert "canaryTrafficPercent" not in predictor  # a later edit of the spec is not started at 0%
     assert predictor["model"]["storageUri"] == CHAMPION_URI
     # The champion's revision labels its metrics with its own version.
-    assert predictor["model"]["env"] == [{"name": VERSION_ENV, "value": "1"}]
+    assert predictor["model"]["env"][0] == {"name": VERSION_ENV, "value": "1"}
     # The spec names the champion, and a later edit rolls the champion out, with all the traffic.
     fake.edit({"spec": {"predictor": {"maxReplicas": 4}}})
     for _ in range(2):

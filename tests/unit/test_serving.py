@@ -624,3 +624,18 @@ def test_an_unwritable_input_log_costs_the_log_not_the_serving(tmp_path, capsys)
     leaky = ServingConfig(input_log=InputLogConfig(drop_fields=["inputs"]))
     with pytest.raises(BadInputError, match="inputs"):  # a filter that cannot work is the operator's to fix
         _open_input_log(leaky, str(tmp_path / "logs"), "primary", "1")
+
+
+def test_a_log_that_is_only_shipped_is_staged_in_the_pods_temp_and_no_place_means_no_log(tmp_path, monkeypatch):
+    import tempfile
+
+    from canaryflow.serving.server import _open_input_log
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shipped = ServingConfig(input_log=InputLogConfig(sample_rate=1.0, upload_uri=str(tmp_path / "store")))
+    log = _open_input_log(shipped, None, "primary", "1")
+    try:
+        assert log.path.parent == tmp_path / "canaryflow-input-log" and log.upload_uri == str(tmp_path / "store")
+    finally:
+        log.close()
+    assert _open_input_log(ServingConfig(input_log=InputLogConfig(sample_rate=1.0)), None, "primary", "1") is None

@@ -51,6 +51,13 @@ RUNTIME = MODEL_FORMAT = "canaryflow"
 CONTAINER = "kserve-container"  # the runtime's container, which KServe gives the downloaded model
 # The registered version the storage holds, for the server's model_version label: /mnt/models does not say.
 VERSION_ENV = "CANARYFLOW_MODEL_VERSION"
+# The config's serving section (limits, batching, the input log) for the predictor's `canaryflow serve`. The
+# runtime's own default is "{}", so a predictor that was not rolled out by the canary step logs no input.
+SERVING_ENV = "CANARYFLOW_SERVING_CONFIG"
+# What MLflow's artifact clients read to ship the input log: mlflow-artifacts:/ goes through the tracking server
+# with its login (which manifests/base/networkpolicy.yaml does not admit predictors to), s3:// and the like go
+# to the bucket with the S3 keys and endpoint. Those Secrets' variables reach the predictor only to ship the log.
+_UPLOAD_ENV = {"mlflow-artifacts": ("MLFLOW_TRACKING_",), "": ("AWS_", "MLFLOW_S3_")}
 MODEL_DIR = "/mnt/models"
 PORT = 8080
 POLL_S = 2.0
@@ -97,10 +104,13 @@ def storage_uri(artifact_uri: str, artifacts_destination: str | None = None) -> 
     return artifact_uri
 
 
-def inference_service(name: str, storage: str, namespace: str | None = None, version: str | None = None) -> dict:
+def inference_service(
+    name: str, storage: str, namespace: str | None = None, version: str | None = None, env: list[dict] | None = None
+) -> dict:
     """The InferenceService that serves `storage` on canaryflow's runtime: manifests/serving/base/
     inferenceservice.yaml in Python (a test holds the two equal), for the canary step to create when it was never
-    created (the ClusterServingRuntime must have been applied: it is cluster-scoped, beyond the step's Role)."""
+    created (the ClusterServingRuntime must have been applied: it is cluster-scoped, beyond the step's Role).
+    `env`: more of the predictor's environment (predictor_env)."""
     metadata: dict[str, Any] = {
         "name": name,
         "labels": {"app.kubernetes.io/part-of": "canaryflow"},
@@ -112,7 +122,7 @@ def inference_service(name: str, storage: str, namespace: str | None = None, ver
         "modelFormat": {"name": MODEL_FORMAT},
         "runtime": RUNTIME,
         "storageUri": storage,
-        "env": [{"name": VERSION_ENV, "value": version or "unknown"}],
+        "env": [{"name": VERSION_ENV, "value": version or "unknown"}, *(env or [])],
     }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -120,6 +130,21 @@ def inference_service(name: str, storage: str, namespace: str | None = None, ver
         "metadata": metadata,
         "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 3, "model": model}},
     }
+
+
+def predictor_env(cfg: Config) -> list[dict]:
+    """What the predictor takes from the config: its serving section, and where the input log is shipped, the
+    Secrets that shipping needs (by reference: nothing secret is written into the InferenceService)."""
+    env: list[dict[str, Any]] = [{"name": SERVING_ENV, "value": cfg.serving.model_dump_json()}]
+    if not cfg.serving.input_log.enabled or not cfg.serving.input_log.upload_uri:
+        return env
+    needs = _UPLOAD_ENV.get(urlparse(cfg.serving.input_log.upload_uri).scheme, _UPLOAD_ENV[""])
+    for source in cfg.cluster.secrets:
+        for key, variable in source.keys.items():
+            if variable.startswith(needs):
+                ref = {"name": source.secret, "key": key, **({"optional": True} if source.optional else {})}
+                env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
+    return env
 
 
 def bucket_bound(threshold: float, bounds: tuple[float, ...]) -> float:
@@ -595,6 +620,7 @@ class KServeBackend:
         self.namespace = kserve.namespace
         self.settings = kserve
         self.timeout_s = cfg.canary.server_start_timeout_s
+        self.env = predictor_env(cfg)
         if api is None:
             from kubernetes import client
 
@@ -619,7 +645,7 @@ class KServeBackend:
         isvc = self._get(missing_ok=True)
         if isvc is None:
             self._check_lease()
-            body = inference_service(self.name, storage, self.namespace, self.versions.get(storage))
+            body = inference_service(self.name, storage, self.namespace, self.versions.get(storage), self.env)
             _call(self.where, "create", self._api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
                   PLURAL, body)  # fmt: skip
             return self._wait("the new InferenceService to serve", _latest_serves_all(None), before=None)
@@ -824,17 +850,19 @@ class KServeBackend:
 
     def _storage_patch(self, isvc: dict, storage: str, percent: int | None) -> dict:
         """A merge patch that points the predictor's model at `storage`, labels it with its version and sets
-        canaryTrafficPercent (None drops it). A merge patch replaces a list whole, so the env goes back complete
-        with only the version changed."""
+        canaryTrafficPercent (None drops it), with the config's serving section beside it: the revision a
+        version rolls out is served as this run's config says. A merge patch replaces a list whole, so the env goes
+        back complete, with only what the canary step owns replaced."""
         model = _model(isvc)
         if not model:
             raise CanaryflowError(
                 f"{self.where} has no predictor.model (an older canaryflow manifest gave predictor.containers): "
                 f"apply manifests/ again, whose InferenceService names the {RUNTIME} runtime"
             )
-        env = [e for e in copy.deepcopy(model.get("env") or []) if e.get("name") != VERSION_ENV]
-        # A valueFrom must not survive beside the value: the entry is replaced whole.
-        env.append({"name": VERSION_ENV, "value": self.versions.get(storage, "unknown")})
+        owned = {VERSION_ENV, *(e["name"] for e in self.env)}
+        # A valueFrom must not survive beside the value: each owned entry is replaced whole.
+        env = [e for e in copy.deepcopy(model.get("env") or []) if e.get("name") not in owned]
+        env += [{"name": VERSION_ENV, "value": self.versions.get(storage, "unknown")}, *copy.deepcopy(self.env)]
         return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage, "env": env}}}}
 
     def _patch(self, isvc: dict, body: dict, retries: int = 5) -> dict:

@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -442,6 +443,9 @@ def _open_input_log(serving: ServingConfig, directory: str | None, variant: str,
     """The input log, or None; a directory that cannot be written (a read-only container filesystem) costs the
     log, with a warning, never the serving. A filter that would log what it must not stays an error."""
     log_dir = directory or serving.input_log.dir
+    if not log_dir and serving.input_log.upload_uri:
+        # Shipped as each file closes, so the pod's own temp is only where a file fills before it leaves.
+        log_dir = str(Path(tempfile.gettempdir()) / "canaryflow-input-log")
     if not log_dir:
         return None
     try:
