@@ -60,10 +60,30 @@ def rule_list(doc: dict | None = None) -> list[dict]:
     return [rule for group in (doc or rules())["spec"]["groups"] for rule in group["rules"]]
 
 
+RUNBOOKS = REPO / "docs" / "runbooks"
+
+
+def runbook_queries() -> dict[str, str]:
+    """The PromQL an on-call engineer pastes from the runbooks' promql blocks, keyed "runbook: <file> [<n>]".
+    An expression starts at a line's first column; indented lines continue it."""
+    out: dict[str, str] = {}
+    for path in sorted(RUNBOOKS.glob("*.md")):
+        for block in re.findall(r"^```promql\n(.*?)^```", path.read_text(), flags=re.M | re.S):
+            exprs: list[str] = []
+            for line in block.splitlines():
+                if line[:1].isspace() and exprs:
+                    exprs[-1] += "\n" + line
+                elif line.strip():
+                    exprs.append(line)
+            for expr in exprs:
+                out[f"runbook: {path.name} [{len(out) + 1}]"] = expr
+    return out
+
+
 def queries() -> dict[str, str]:
     """Every PromQL expression, keyed by where it is: "dashboard: <panel title> [<refId>]", "alert: <name>",
-    "record: <name>"."""
-    out: dict[str, str] = {}
+    "record: <name>", "runbook: <file> [<n>]"."""
+    out: dict[str, str] = dict(runbook_queries())
     for panel in panels():
         for target in panel.get("targets", []):
             if target.get("expr"):

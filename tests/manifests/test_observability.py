@@ -478,7 +478,9 @@ def test_missing_from_scrape_reports_exactly_what_a_scrape_leaves_out():
     missing = missing_from_scrape(partial + ROUTER_SCRAPE)
     assert set(missing) == {"canaryflow_server_output_tokens_bucket", "canaryflow_server_refused_total"}
     assert "alert: CanaryflowInputsRefusedForLength" in missing["canaryflow_server_refused_total"]
-    assert all(place.startswith("dashboard: ") for place in missing["canaryflow_server_output_tokens_bucket"])
+    assert all(
+        place.startswith(("dashboard: ", "runbook: ")) for place in missing["canaryflow_server_output_tokens_bucket"]
+    )
     # A histogram's _count alone does not stand in for the _bucket series a quantile needs.
     only_count = _without(SERVER_SCRAPE, "canaryflow_server_latency_seconds_bucket")
     assert set(missing_from_scrape(only_count, prefix="canaryflow_server_")) == {
@@ -486,9 +488,10 @@ def test_missing_from_scrape_reports_exactly_what_a_scrape_leaves_out():
     }
 
 
-@pytest.mark.parametrize("where", ["dashboard", "rules"])
+@pytest.mark.parametrize("where", [("dashboard: ",), ("alert: ", "record: ")])
 def test_every_expression_reads_some_canaryflow_metric(where):
-    found = {k: v for k, v in queries().items() if k.startswith("dashboard: ") == (where == "dashboard")}
+    # Not the runbooks': they also give Knative's and the kubelet's view.
+    found = {k: v for k, v in queries().items() if k.startswith(where)}
     assert found
     for key, expr in found.items():
         assert names_in(expr), key

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from canaryflow.serving.http import LATENCY_BUCKETS
-from tests.observability import rule_list, rules
+from tests.observability import rule_list, rules, runbook_queries
 from tests.prometheus import Prometheus, binary
 
 RULES_FILE = "canaryflow-slo.rules.yaml"
@@ -385,6 +385,17 @@ def test_promtool_accepts_the_rules(promtool, tmp_path):
     done = _run(promtool, "check", "rules", RULES_FILE, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rule_list())} rules found" in done.stdout, done.stdout
+
+
+def test_promtool_parses_every_expression_the_runbooks_give(promtool, tmp_path):
+    # promtool checks PromQL inside rule files: each runbook expression becomes one recording rule.
+    found = runbook_queries()
+    assert len(found) >= 10
+    records = [{"record": f"runbook:check_{i}", "expr": expr} for i, expr in enumerate(found.values())]
+    (tmp_path / "runbooks.yaml").write_text(yaml.safe_dump({"groups": [{"name": "runbooks", "rules": records}]}))
+    done = _run(promtool, "check", "rules", "runbooks.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(records)} rules found" in done.stdout, done.stdout
 
 
 def _seconds(duration: str) -> int:
