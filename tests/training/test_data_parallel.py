@@ -28,9 +28,11 @@ def trained_on_two_ranks(prepared, demo_files, tmp_path_factory):
 def test_rank_zero_alone_reports_the_steps_and_writes_the_model(trained_on_two_ranks):
     cfg, out, checkpoints, metrics = trained_on_two_ranks
     # Each logged step once: two ranks reporting (or two ranks each training alone) would log every step twice.
-    assert [entry["step"] for entry in metrics.pop("steps_log")] == list(range(1, 9))
+    assert [entry["step"] for entry in metrics["steps_log"]] == list(range(1, 9))
     assert metrics["steps"] == 8 and metrics["resumed_from_step"] == 0
-    assert json.loads((out / "train_metrics.json").read_text()) == metrics
+    assert json.loads((out / "train_metrics.json").read_text()) == {
+        k: v for k, v in metrics.items() if k != "steps_log"
+    }
     # An untrained model's loss is about log(vocabulary); the Trainer's average_tokens_across_devices would
     # report (and train on) twice that, each rank's mean multiplied by the number of ranks.
     assert metrics["first_loss"] < 1.5 * math.log(cfg.model.tiny.vocab_size)
@@ -51,7 +53,7 @@ def _kill_rank_once(rank: int, when: Path, running) -> None:
     preempted or out-of-memory process, stopped at a known point of the run."""
     deadline = time.monotonic() + 240
     while not when.is_file():
-        assert running.running(), "training ended before it could be killed"
+        assert not running.done(), "training ended before it could be killed"
         assert time.monotonic() < deadline, f"no {when} after 240 s"
         time.sleep(0.01)
     for process in psutil.Process().children(recursive=True):
@@ -77,7 +79,7 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def test_a_killed_rank_fails_the_step_in_one_line_and_the_rerun_resumes(prepared, demo_files, tmp_path, capfd):
-    cfg = demo_config(demo_files, "train.max_steps=16", "train.checkpoint_steps=4")
+    cfg = demo_config(demo_files, "train.max_steps=12", "train.checkpoint_steps=4")
     out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
     args = (cfg, 2, str(prepared[0]), str(out), str(checkpoints))
     with ThreadPoolExecutor(1) as pool:
@@ -92,12 +94,12 @@ def test_a_killed_rank_fails_the_step_in_one_line_and_the_rerun_resumes(prepared
     assert "Traceback" not in capfd.readouterr().err  # neither torchrun's nor the surviving rank's
     assert not (out / "model.safetensors").exists()
     killed_at = max(map(_step, filter(_complete, checkpoints.glob("checkpoint-*"))))
-    assert 4 <= killed_at < 16
+    assert 4 <= killed_at < 12
 
     metrics = data_parallel(*args)
-    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 16
+    assert metrics["resumed_from_step"] == killed_at and metrics["steps"] == 12
     # The rerun's own log starts after the checkpoint: the failed run's lines are not reported again.
-    assert [entry["step"] for entry in metrics["steps_log"]] == list(range(killed_at + 1, 17))
+    assert [entry["step"] for entry in metrics["steps_log"]] == list(range(killed_at + 1, 13))
     assert f"resuming from {checkpoints / f'checkpoint-{killed_at}'}" in capfd.readouterr().out
     assert (out / "model.safetensors").is_file() and not checkpoints.exists()
 
