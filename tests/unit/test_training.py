@@ -237,8 +237,9 @@ def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
 
 def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
     cmd = launch.command(4, tmp_path / "c.json", "/data", "/out", "/ckpt/run")
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
-    assert cmd[5:7] == ["-m", "canaryflow.training.launch"] and cmd[-2:] == ["--checkpoints", "/ckpt/run"]
+    assert cmd[1:4] == ["-m", "canaryflow.training.torchrun", f"/out/{launch.FAILURE_REPORT}"]
+    assert cmd[4:6] == ["--standalone", "--nproc_per_node=4"]
+    assert cmd[6:8] == ["-m", "canaryflow.training.launch"] and cmd[-2:] == ["--checkpoints", "/ckpt/run"]
 
 
 def test_early_stopping_evaluates_at_checkpoints_and_keeps_the_best(prepared, demo_files, tmp_path):

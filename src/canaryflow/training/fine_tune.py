@@ -130,31 +130,36 @@ def _complete(checkpoint: Path) -> bool:
     return True
 
 
-def _checkpoint_to_resume(folder: Path, mark: str) -> str | None:
+def checkpoint_to_resume(folder: Path, mark: str) -> str | None:
     """The last complete checkpoint in folder, if it was written for this config and data. A folder left by
     other training is cleared, since resuming it would train something nobody asked for; a checkpoint torn
     by the kill is removed, and the one before it is resumed."""
-    # Under torchrun every rank asks; all reach the same answer, and only rank 0 changes the folder.
+    # Under torchrun every rank asks; all reach the same answer, and only rank 0 changes the folder (which
+    # launch.data_parallel has already put in order, so that no rank sees it change).
     lead = os.environ.get("RANK", "0") == "0"
     stamp = folder / FINGERPRINT
-    if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != mark):
-        if not lead:
-            return None
-        print(f"checkpoints in {folder} are from another config or data; starting over", flush=True)
-        shutil.rmtree(folder)
-    if lead:
-        folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(mark)
     found = sorted(
         (p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
         key=lambda p: int(p.name.rsplit("-", 1)[-1]),
     )
+    # An empty folder is a first run's (ensure_writable made it), not another training's.
+    stale = stamp.read_text() != mark if stamp.is_file() else bool(found)
+    if stale:
+        if not lead:
+            return None
+        print(f"checkpoints in {folder} are from another config or data; starting over", flush=True)
+        shutil.rmtree(folder)
+        found = []
+    if lead and not (stamp.is_file() and stamp.read_text() == mark):
+        # Written only when it differs: a rewrite is, for a moment, an empty stamp that another rank reads.
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(mark)
     while found and not _complete(found[-1]):
         torn = found.pop()
         if lead:
             print(f"removing {torn.name}: it was not completely written", flush=True)
             shutil.rmtree(torn)
-    if found:
+    if found and lead:
         print(f"resuming from {found[-1]}", flush=True)
     return str(found[-1]) if found else None
 
@@ -165,6 +170,10 @@ def training_arguments(cfg: Config, total_steps: int, folder: Path, precision: P
 
     t = cfg.train
     checkpoints = t.checkpoint_steps > 0
+    # Ranks of torchrun without a GPU: accelerate makes them one data-parallel job only when told the CPU is
+    # meant; untold, each rank trains alone and all of them write. gloo is named because accelerate would
+    # otherwise take MPI wherever torch was built with it.
+    cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     evaluate = t.early_stopping_patience > 0
     return {
         "output_dir": str(folder),
@@ -196,6 +205,12 @@ def training_arguments(cfg: Config, total_steps: int, folder: Path, precision: P
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": cpu_ranks,
+        "ddp_backend": "gloo" if cpu_ranks else None,
+        # Left on, the Trainer multiplies each rank's loss by the number of ranks, trusting the model to divide
+        # by the token count of all ranks together (num_items_in_batch); T5, for one, takes the mean of its own
+        # batch, so losses and gradients came out N times too large. One process: no difference.
+        "average_tokens_across_devices": False,
     }
 
 
@@ -279,7 +294,7 @@ def fine_tune(
     folder = Path(checkpoint_dir) if checkpoint_dir else out / "_checkpoints"
     if cfg.train.checkpoint_steps:
         ensure_writable(folder, cfg)
-    resume = _checkpoint_to_resume(folder, fingerprint(cfg, data_dir)) if cfg.train.checkpoint_steps else None
+    resume = checkpoint_to_resume(folder, fingerprint(cfg, data_dir)) if cfg.train.checkpoint_steps else None
     base = resolve_base(cfg, out / "_base")
     tokenizer, model = _build_or_load(cfg, base, list(train["input"]) + list(train["target"]), labels, resume)
 
@@ -297,7 +312,9 @@ def fine_tune(
         return ds.map(encode, batched=True, remove_columns=["input", "target"])
 
     train_ds, val_ds = to_dataset(train), to_dataset(validation)
-    samples_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    # Each of torchrun's ranks takes its own batches: a step trains on all of theirs.
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    samples_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * ranks
     steps_per_epoch = math.ceil(len(train_ds) / samples_per_step)
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
     arguments = training_arguments(cfg, total, folder, precision, classify)
