@@ -33,6 +33,7 @@ compile: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/data_stage.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/training_cpu.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pretrained_cpu.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluation.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/canary.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/router.py

@@ -235,6 +235,83 @@ def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
     assert set(result["comparisons"]) >= {"macro_f1", "accuracy"}
 
 
+def _tiny_bert(where, words: list[str], positions: int) -> None:
+    """A BERT-style classifier (learned absolute positions, token_type_ids, a word-level WordPiece vocabulary)
+    small enough to train in seconds, saved as a pretrained base."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
+    tokenizer.save_pretrained(where)
+    BertForSequenceClassification(config).save_pretrained(where)
+
+
+def test_a_model_with_learned_positions_gets_no_longer_inputs_than_it_takes(tmp_path):
+    """BERT-style bases (MiniLM among them) learn a fixed number of positions (512); data.max_source_length past
+    it failed training, evaluation and serving alike with a tensor size error. Each cuts inputs at the model's
+    limit instead, the data card counts against it, and the server refuses longer inputs by it."""
+    from canaryflow.config import load_config
+    from canaryflow.data.card import render_markdown
+    from canaryflow.data.prepare import prepare_data
+    from canaryflow.inference.predictor import load_predictor
+    from canaryflow.rollout.local import post_json
+    from tests.servers import model_server
+
+    padding = " and then we walked home along the river"  # long inputs: 20 words and more, over 16 positions
+    rows = {
+        split: [dict(r, text=r["text"] + padding) for r in _reviews(count, offset)]
+        for split, (count, offset) in {"train": (64, 0), "validation": (20, 1000), "test": (20, 2000)}.items()
+    }
+    for split, split_rows in rows.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    words = [w.strip(":") for split_rows in rows.values() for r in split_rows for w in r["text"].split()]
+    _tiny_bert(tmp_path / "base", words, positions=16)
+    cfg = load_config(
+        overrides=[
+            *(f"data.{s}={tmp_path / f'{s}.jsonl'}" for s in ("train", "validation", "test")),
+            "data.input_column=text",
+            "data.target_column=label",
+            "data.max_source_length=128",
+            f"model.base={tmp_path / 'base'}",
+            "model.task=classification",
+            "train.max_steps=4",
+            "train.batch_size=8",
+            "train.checkpoint_steps=0",
+            "train.min_loss_ratio=null",
+        ]
+    )
+    card = prepare_data(cfg, tmp_path / "data")
+    assert card["token_lengths"]["max_source_tokens"] == 16
+    assert card["token_lengths"]["inputs_over_max_source_length"] == 1.0  # every input is over 16 tokens
+    assert "Sampled inputs over 16 tokens (truncated in training): 100.0%" in render_markdown(card)
+    metrics = fine_tune(cfg, tmp_path / "data", tmp_path / "model")
+    assert metrics["max_source_tokens"] == 16
+    predictor = load_predictor(tmp_path / "model", cfg.data.max_source_length)
+    assert predictor.max_source_length == 16
+    long_inputs = [r["text"] for r in rows["test"]]
+    assert set(predictor.generate(long_inputs)) <= {"negative", "positive"}
+    # The server's token limit follows the predictor's: over it, 413 naming the model's limit, not a 500.
+    srv = model_server(predictor, "challenger", "1")
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/predict"
+        status, raw, _ = post_json(url, json.dumps({"inputs": ["the food was great"]}).encode(), 30)
+        assert status == 200 and json.loads(raw)["predictions"][0] in {"negative", "positive"}
+        status, raw, _ = post_json(url, json.dumps({"inputs": long_inputs[:1]}).encode(), 30)
+        assert status == 413 and "at most 16" in json.loads(raw)["error"]
+    finally:
+        srv.shutdown()
+
+
 def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
     cmd = launch.command(4, tmp_path / "c.json", "/data", "/out", "/ckpt/run")
     assert cmd[1:4] == ["-m", "canaryflow.training.torchrun", f"/out/{launch.FAILURE_REPORT}"]

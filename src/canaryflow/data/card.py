@@ -149,7 +149,9 @@ def render_markdown(card: dict) -> str:
         lines += ["", f"## Lengths (tokens of {tokens['tokenizer']}, up to {sample} sampled rows per split)", ""]
         lines += _length_table(tokens["lengths"])
         over = tokens["inputs_over_max_source_length"]
-        lines += ["", f"- Sampled inputs over data.max_source_length tokens (truncated in training): {over:.1%}."]
+        # data.max_source_length, or the model's own limit where lower; cards written before it was recorded lack it
+        limit = tokens.get("max_source_tokens", "data.max_source_length")
+        lines += ["", f"- Sampled inputs over {limit} tokens (truncated in training): {over:.1%}."]
     drift_info = card.get("drift")
     lines += ["", "## Drift against the champion's training data", ""]
     if drift_info is None:

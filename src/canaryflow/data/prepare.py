@@ -252,7 +252,8 @@ TOKEN_SAMPLE = 2_000  # texts per split and column whose tokens are counted: per
 
 def token_lengths(tables: dict[str, pa.Table], cfg: Config) -> dict | None:
     """Token-length percentiles by the base model's own tokenizer, on a seeded sample of every split, and
-    the sampled share of inputs the tokenizer will truncate at data.max_source_length.
+    the sampled share of inputs the tokenizer will truncate at data.max_source_length (or at the model's own
+    limit, where that is lower).
 
     None for the tiny model, whose tokenizer fine_tune trains on this very data, and where the base's
     tokenizer cannot be loaded here (fine_tune, which needs the model too, reports that).
@@ -260,9 +261,12 @@ def token_lengths(tables: dict[str, pa.Table], cfg: Config) -> dict | None:
     if cfg.model.base == TINY_BASE:
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from canaryflow.inference.predictor import input_limit
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.base)
+        limit = input_limit(cfg.data.max_source_length, tokenizer, AutoConfig.from_pretrained(cfg.model.base))
     except Exception:  # noqa: BLE001 - any failure here only means no token statistics
         return None
     rng = np.random.default_rng(cfg.data.split_seed)
@@ -277,12 +281,13 @@ def token_lengths(tables: dict[str, pa.Table], cfg: Config) -> dict | None:
             counts = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
             stats[split][column] = length_percentiles(counts)
             if column == "input":
-                over += int((counts > cfg.data.max_source_length).sum())
+                over += int((counts > limit).sum())
                 sampled += len(counts)
     return {
         "tokenizer": cfg.model.base,
         "sample_per_split": TOKEN_SAMPLE,
         "lengths": stats,
+        "max_source_tokens": limit,
         "inputs_over_max_source_length": round(over / max(sampled, 1), 4),
     }
 

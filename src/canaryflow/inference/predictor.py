@@ -14,6 +14,17 @@ from pathlib import Path
 GENERATION = {"num_beams": 1, "max_new_tokens": 64}
 
 
+def input_limit(wanted: int, tokenizer, model_config) -> int:
+    """The longest input, in tokens, to give a model: `wanted` (data.max_source_length), cut to what a model
+    with learned absolute positions takes (BERT's 512, MiniLM's): one token past it, the position lookup
+    fails with a tensor size error. Relative positions (T5) have no such limit."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not positions:
+        return wanted
+    # RoBERTa-style models learn 514 positions and start counting at 2: their tokenizer says 512.
+    return min(wanted, positions, tokenizer.model_max_length or positions)
+
+
 class _Predictor:
     """Loads tokenizer and model, and runs inputs through them in length-sorted batches."""
 
@@ -29,7 +40,7 @@ class _Predictor:
         auto = getattr(transformers, self.AUTO_CLASS)
         self.model = auto.from_pretrained(str(model_dir), use_safetensors=True).to(self.device)
         self.model.eval()
-        self.max_source_length = max_source_length
+        self.max_source_length = input_limit(max_source_length, self.tokenizer, self.model.config)
         self.generation = dict(GENERATION)
 
     AUTO_CLASS = ""

@@ -23,6 +23,7 @@ from canaryflow import progress
 from canaryflow.config import TINY_BASE, Config
 from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import BadInputError, CanaryflowError
+from canaryflow.inference.predictor import input_limit
 from canaryflow.training.checkpoints import ensure_writable
 from canaryflow.training.health import HealthGuard, OnMetrics, Telemetry, TimeLimit, learning_curve, peak_memory_mb
 from canaryflow.training.precision import Precision, choose, current_device
@@ -297,9 +298,16 @@ def fine_tune(
     resume = checkpoint_to_resume(folder, fingerprint(cfg, data_dir)) if cfg.train.checkpoint_steps else None
     base = resolve_base(cfg, out / "_base")
     tokenizer, model = _build_or_load(cfg, base, list(train["input"]) + list(train["target"]), labels, resume)
+    max_source = input_limit(cfg.data.max_source_length, tokenizer, model.config)
+    if max_source < cfg.data.max_source_length:
+        print(
+            f"data.max_source_length {cfg.data.max_source_length} is over what {cfg.model.base} takes: "
+            f"inputs are cut at {max_source} tokens",
+            flush=True,
+        )
 
     def encode(batch):
-        enc = tokenizer(batch["input"], max_length=cfg.data.max_source_length, truncation=True)
+        enc = tokenizer(batch["input"], max_length=max_source, truncation=True)
         if classify:
             enc["labels"] = [label_ids[label] for label in batch["target"]]
         else:
@@ -389,6 +397,7 @@ def fine_tune(
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "precision": precision.name,
         "parameters": int(sum(p.numel() for p in model.parameters())),
+        "max_source_tokens": max_source,
         "base": cfg.model.base,
         "task": cfg.model.task,
         "stopped": stopped,
