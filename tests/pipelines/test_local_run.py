@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import REPO, quick_canary_args, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -254,38 +254,6 @@ def test_summary_renders_for_a_person(lifecycle_run):
     for expected in ("challenger vs champion", "canary steps", "Gate:", "previous-champion", "50%", "vs champion v1"):
         assert expected in text, expected
     assert f"{summary['data']['test_inputs']} inputs" in text
-
-
-def test_a_classifier_runs_the_whole_lifecycle(tmp_path):
-    """From a base model and data in a folder named like a virtualenv's site-packages: kfp.local rewrites the text
-    `python3` in every executor argument (Config.to_json), and the paths must reach the steps as given."""
-    from canaryflow.training.fine_tune import tiny_model
-    from tests.unit.test_training import _reviews
-
-    files = {}
-    where = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
-    where.mkdir(parents=True)
-    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
-        files[split] = where / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
-    # The tiny classifier, untrained, saved where pip-shipped models live: the run fine-tunes it from there.
-    cfg = load_config(REPO / "configs" / "classification.yaml")
-    tokenizer, model = tiny_model(cfg, [r["text"] for r in _reviews(400, 0)], ["negative", "positive"])
-    tokenizer.save_pretrained(where / "base")
-    model.save_pretrained(where / "base")
-    args = ["run", "--json", "--config", "configs/classification.yaml", "--workdir", str(tmp_path / "wd")]
-    for split, path in files.items():
-        args += ["--set", f"data.{split}={path}"]
-    args += ["--set", f"model.base={where / 'base'}", "--set", "train.max_steps=80", *quick_canary_args()]
-    first = run_cli(*args, cwd=REPO)
-    assert first.returncode == 0, first.stderr[-2000:]
-    summary = json.loads(first.stdout)
-    assert summary["metrics"]["challenger"]["macro_f1"] >= 90 and summary["gate"]["passed"] is True
-    assert summary["canary"]["verdict"] == "promoted"  # served by the model server, scored on labels
-    _, versions = _registry(tmp_path / "wd")
-    assert versions["1"].tags["gate.passed"] == "true" and "macro_f1" in versions["1"].tags["gate.reasons"]
-    # Judging a classifier against a classifier champion is tested in-process (tests/unit/test_training.py):
-    # a second whole run here would cost the suite most of a minute.
 
 
 def test_registry_commands_and_rollback_read_and_write_the_ledger(lifecycle_run):

@@ -13,6 +13,7 @@ from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
 from tests.conftest import REPO, quick_canary_args, run_cli
+from tests.pipelines.test_local_run import _registry
 from tests.unit.test_training import _reviews
 
 pytestmark = pytest.mark.slow
@@ -27,22 +28,30 @@ def _minilm_dir():
     return package.get_model_path()
 
 
-def test_a_pretrained_minilm_is_fine_tuned_registered_and_served_as_a_classifier(tmp_path):
-    base = _minilm_dir()
-    files = {}
-    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
-        files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
-    # A pretrained encoder wants a rate near 5e-5: classification.yaml's 3e-3 is for the tiny model from scratch,
-    # and knocks MiniLM to chance. Few steps of short inputs keep the run near a minute and a half on 2 cores.
-    args = ["run", "--json", "--config", "configs/classification.yaml", "--workdir", str(tmp_path / "wd")]
+def _run(tmp_path, files, *overrides):
+    args = ["run", "--json", "--config", "configs/pretrained-classifier.yaml", "--workdir", str(tmp_path / "wd")]
     for split, path in files.items():
         args += ["--set", f"data.{split}={path}"]
-    args += ["--set", f"model.base={base}", "--set", "train.learning_rate=5e-5", "--set", "train.max_steps=20"]
-    args += ["--set", "train.batch_size=16", "--set", "data.max_source_length=32", *quick_canary_args()]
-    done = run_cli(*args, cwd=REPO)
+    # Few steps of short inputs keep each run near a minute and a half on 2 cores.
+    for override in ("train.max_steps=20", "data.max_source_length=32", *overrides):
+        args += ["--set", override]
+    done = run_cli(*args, *quick_canary_args(), cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_a_pretrained_minilm_is_fine_tuned_registered_served_and_a_retrain_canaried_against_it(tmp_path):
+    """configs/pretrained-classifier.yaml as the README gives it: MiniLM from its package folder, the data in a
+    folder named like a virtualenv's site-packages (kfp.local rewrites `python3` in every executor argument:
+    Config.to_json keeps the paths intact)."""
+    base = _minilm_dir()
+    where = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    where.mkdir(parents=True)
+    files = {}
+    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
+        files[split] = where / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
+    summary = _run(tmp_path, files, f"model.base={base}")
 
     train = summary["train"]
     assert train["base"] == str(base)  # the path reached fine_tune as given, python3.11 and all
@@ -54,6 +63,8 @@ def test_a_pretrained_minilm_is_fine_tuned_registered_and_served_as_a_classifier
     assert train["final_loss"] < 0.9 * train["first_loss"]
     assert summary["metrics"]["challenger"]["macro_f1"] >= 85 and summary["gate"]["passed"] is True
     assert summary["canary"]["verdict"] == "promoted"  # served alone by a real model server in the smoke phase
+    _, versions = _registry(tmp_path / "wd")
+    assert versions["1"].tags["gate.passed"] == "true" and "macro_f1" in versions["1"].tags["gate.reasons"]
 
     # The registered model's encoder is MiniLM's, moved a little by 20 steps at 5e-5 (Adam moves each weight by
     # about the rate per step): a random initialisation (std 0.02) would be tens of times farther away.
@@ -75,3 +86,11 @@ def test_a_pretrained_minilm_is_fine_tuned_registered_and_served_as_a_classifier
     inputs = ["visit 5000: the food was tasty and great", "visit 5001: the food was bland and cold"]
     assert served.predict(inputs) == ["positive", "negative"]
     assert AutoConfig.from_pretrained(saved_dir).id2label == {0: "negative", 1: "positive"}
+
+    # A retrain continues from what serves, and is canaried against it: two real MiniLM servers behind the router.
+    retrain = _run(tmp_path, files, f"model.base=models:/{cfg.registry.model_name}@champion", "train.max_steps=5")
+    assert retrain["train"]["parameters"] == train["parameters"]
+    assert retrain["gate"]["passed"] is True and retrain["canary"]["mode"] == "canary"
+    assert (retrain["canary"]["champion_version"], retrain["canary"]["challenger_version"]) == ("1", "2")
+    assert retrain["canary"]["verdict"] == "promoted", retrain["canary"]["reason"]
+    assert models.alias_version(cfg, models.CHAMPION) == "2"
