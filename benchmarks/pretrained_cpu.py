@@ -7,11 +7,12 @@ checkpoint, settings and data in a plain transformers Trainer script (`plain`), 
 training_cpu.py. For scale, the tiny T5 classifier built from `model.tiny`, with its tokenizer trained on the
 train split, goes through fine_tune too, as `configs/classification.yaml` trains it. All run the same steps,
 batch size and input length, in fp32 on the CPU, each model at its own learning rate (the tiny model's 3e-3
-knocks a pretrained encoder to chance; 5e-5 is the usual rate for fine-tuning one). Each reports training examples/s, input tokens/s (no padding; the two
-tokenizers cut text differently, so examples/s is the like-for-like figure) and macro-F1 after training, on two
-held-out sets: reviews in the training words (validation) and reviews whose every sentiment word is one that
-training never showed (test), where only what a model knew before fine-tuning can help. Each side runs in a
-fresh process, in turns, `--repeats` times; medians are reported.
+knocks a pretrained encoder to chance; 5e-5 is the usual rate for fine-tuning one). Each reports training
+examples/s, input tokens/s (no padding; the two tokenizers cut text differently, so examples/s is the
+like-for-like figure) and macro-F1 after training, on two held-out sets: reviews in the training words
+(validation) and reviews whose every sentiment word is one that training never showed (test), where only what
+a model knew before fine-tuning can help. Each side runs in a fresh process, in turns, `--repeats` times;
+medians are reported.
 
 Usage: .venv/bin/python benchmarks/pretrained_cpu.py [--steps N] [--repeats N]
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,19 +27,62 @@ BUDGET_S = 300.0
 BEGIN, END = "<!-- make-run:begin -->", "<!-- make-run:end -->"
 
 
-def time_make_run(workdir: Path) -> tuple[float, dict]:
+def time_make_run(workdir: Path, env: dict | None = None) -> tuple[float, dict]:
     started = time.perf_counter()
     result = subprocess.run(
         [str(REPO / ".venv" / "bin" / "canaryflow"), "run", "--json", "--workdir", str(workdir)],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"canaryflow run failed: {result.stderr.strip().splitlines()[-1]}")
     return elapsed, json.loads(result.stdout)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CLOCK = r"(\d\d:\d\d:\d\d)[.,](\d{3})"
+_EVENTS = {
+    "start": re.compile(rf"^{_CLOCK} - INFO - Executing task '([a-z-]+)'"),
+    "input": re.compile(rf"KFP Executor \S+ {_CLOCK} INFO\]: Got executor_input"),
+    "output": re.compile(rf"KFP Executor \S+ {_CLOCK} INFO\]: Wrote executor output"),
+    "end": re.compile(rf"^{_CLOCK} - INFO - Task '([a-z-]+)' finished"),
+}
+# PYTHONPROFILEIMPORTTIME's lines: a top-level import is the one whose name is not indented.
+_IMPORT = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")
+
+
+def _seconds(match: re.Match) -> float:
+    hours, minutes, seconds = (int(x) for x in match.group(1).split(":"))
+    return hours * 3600 + minutes * 60 + seconds + int(match.group(2)) / 1000
+
+
+def step_phases(logs: list[Path]) -> dict[str, dict[str, float]]:
+    """Per step, summed over the runs' logs: process start to the executor's input (the interpreter, kfp and
+    the component's module), the step itself (its imports counted apart where the log has them), and from its
+    output written to the process gone (the interpreter's exit)."""
+    phases: dict[str, dict[str, float]] = {}
+    for log in logs:
+        step, at, imports = "", {}, 0.0
+        for line in _ANSI.sub("", log.read_text(encoding="utf-8", errors="replace")).splitlines():
+            for event, pattern in _EVENTS.items():
+                found = pattern.search(line)
+                if found:
+                    at[event] = _seconds(found)
+                    if event == "start":
+                        step, imports = found.group(3), 0.0
+                    if event == "end":
+                        row = phases.setdefault(step, {"start": 0.0, "imports": 0.0, "work": 0.0, "exit": 0.0})
+                        row["start"] += at["input"] - at["start"]
+                        row["imports"] += imports
+                        row["work"] += at["output"] - at["input"] - imports
+                        row["exit"] += at["end"] - at["output"]
+            found = _IMPORT.search(line)
+            if found and "input" in at and at.get("input", 0) >= at.get("start", 0) and step:
+                imports += int(found.group(1)) / 1e6 if not found.group(2).startswith(" ") else 0.0
+    return phases
 
 
 def time_training_baseline(workdir: Path) -> float:
@@ -62,6 +106,10 @@ def time_training_baseline(workdir: Path) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="canaryflow-bench-") as tmp:
         elapsed, summary = time_make_run(Path(tmp) / "run")
+        phases = step_phases(sorted((Path(tmp) / "run" / "logs").glob("run-*.log")))
+        # Again with every step process timing its imports: slower, so it only splits the step's time.
+        time_make_run(Path(tmp) / "profiled", {"PYTHONPROFILEIMPORTTIME": "1"})
+        profiled = step_phases(sorted((Path(tmp) / "profiled" / "logs").glob("run-*.log")))
         baseline = time_training_baseline(Path(tmp) / "baseline")
     boot_s = summary["bootstrap"]["duration_s"]
     steps = f"{boot_s} s bootstrap run + {summary['duration_s'] - boot_s:.1f} s challenger run"
@@ -80,9 +128,34 @@ def main() -> None:
         f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
         f"{summary['canary']['requests']} requests; challenger BLEU "
         f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
-        "Reproduce: `.venv/bin/python benchmarks/run_make_run.py` (about 6 minutes); `make bench` runs them all.",
+        "",
+        "Per step, both runs together: the process's start (interpreter, kfp, the component's module), the "
+        "step's imports, the rest of the step (its work and MLflow I/O), and its exit (output written to process "
+        "gone). The imports' share comes from a second run with PYTHONPROFILEIMPORTTIME set.",
+        "",
+        "| step | start s | imports s | work and MLflow s | exit s | total s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *_phase_rows(phases, profiled),
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/run_make_run.py` (about 10 minutes); `make bench` runs them all.",
     ]
     print(write_section(BEGIN, END, lines))
+
+
+def _phase_rows(phases: dict[str, dict[str, float]], profiled: dict[str, dict[str, float]]) -> list[str]:
+    rows, sums = [], {"start": 0.0, "imports": 0.0, "work": 0.0, "exit": 0.0}
+    for step, row in phases.items():
+        # The profiled run's share of its step time that went to imports, applied to this run's step time.
+        step_s = row["work"] + row["imports"]
+        seen = profiled.get(step, {})
+        share = seen.get("imports", 0.0) / max(seen.get("imports", 0.0) + seen.get("work", 0.0), 1e-9)
+        split = {"start": row["start"], "imports": share * step_s, "work": (1 - share) * step_s, "exit": row["exit"]}
+        for key, value in split.items():
+            sums[key] += value
+        cells = " | ".join(f"{split[k]:.1f}" for k in sums)
+        rows.append(f"| {step} | {cells} | {sum(split.values()):.1f} |")
+    cells = " | ".join(f"{sums[k]:.1f}" for k in sums)
+    return [*rows, f"| all | {cells} | {sum(sums.values()):.1f} |"]
 
 
 if __name__ == "__main__":
