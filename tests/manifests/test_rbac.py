@@ -61,7 +61,7 @@ TRAINJOB_CALLS: dict[Call, str] = {
         "TrainJobRun._watch follows its status: GET on the collection with watch=true, fieldSelector metadata.name"
     ),
     ("trainer.kubeflow.org", "trainjobs", "get", None): (
-        "TrainJobRun._get reads it after a quiet watch, and finds an earlier attempt's on 409 AlreadyExists"
+        "TrainJobRun._get looks for an earlier attempt's before creating it, and reads it after a quiet watch"
     ),
     ("trainer.kubeflow.org", "trainjobs", "delete", None): (
         "TrainJobRun._delete on timeout (train.max_wall_seconds), when the step is stopped, and an earlier "

@@ -342,7 +342,7 @@ def test_a_failed_trainjob_is_one_error_line_with_the_trainers_reason(tmp_path, 
 def test_a_failed_rank_0_is_the_steps_error(tmp_path, schema, monkeypatch):
     fake = FakeTrainer(schema, outcome="Failed")
     run, data, _ = _step(tmp_path, fake)
-    run.stage(str(data))
+    job = run.start(str(data))
     # Rank 0 as torchrun starts it, on a config the claim does not hold: its error goes on the claim.
     monkeypatch.setenv("RANK", "0")
     argv = [
@@ -356,7 +356,7 @@ def test_a_failed_rank_0_is_the_steps_error(tmp_path, schema, monkeypatch):
     with pytest.raises(FileNotFoundError):
         trainjob.main(argv)
     with pytest.raises(CanaryflowError) as failed:
-        run.wait(run.start())
+        run.wait(job)
     assert str(failed.value).startswith(f"TrainJob {NS}/{job_name(RUN_KEY)} failed: rank 0: FileNotFoundError:")
     assert "missing.json" in str(failed.value) and "\n" not in str(failed.value)
 
@@ -395,8 +395,7 @@ def test_a_stopped_step_deletes_its_trainjob(tmp_path, schema, stop):
 def test_a_retried_step_takes_over_its_running_trainjob_and_replaces_a_failed_one(tmp_path, schema):
     fake = FakeTrainer(schema, steps=2)
     first, data, _ = _step(tmp_path, fake)
-    first.stage(str(data))
-    first.start()  # the first attempt's pod is lost here, without deleting its TrainJob
+    first.start(str(data))  # the first attempt's pod is lost here, without deleting its TrainJob
     second, _, _ = _step(tmp_path, fake)
     assert second.run(str(data), str(tmp_path / "out"))["steps"] == 20
     assert len(fake.created) == 1 and fake.deleted == []
@@ -404,9 +403,8 @@ def test_a_retried_step_takes_over_its_running_trainjob_and_replaces_a_failed_on
     # An earlier attempt whose TrainJob failed: the retry deletes it and starts one that resumes.
     fake = FakeTrainer(schema, steps=2, outcome="Failed")
     failed, _, _ = _step(tmp_path, fake)
-    failed.stage(str(data))
     with pytest.raises(CanaryflowError):
-        failed.wait(failed.start())
+        failed.wait(failed.start(str(data)))
     fake.outcome = "Complete"
     retried, _, _ = _step(tmp_path, fake)
     assert retried.run(str(data), str(tmp_path / "out"))["steps"] == 20
@@ -416,8 +414,7 @@ def test_a_retried_step_takes_over_its_running_trainjob_and_replaces_a_failed_on
 def test_a_watch_from_a_compacted_version_reads_the_trainjob_again(tmp_path, schema):
     fake = FakeTrainer(schema, steps=2)
     run, data, _ = _step(tmp_path, fake)
-    run.stage(str(data))
-    job = run.start()
+    job = run.start(str(data))
     fake._run(job["metadata"]["name"])  # the job changes before the step's first watch...
     fake.compacted = fake._version  # ...and the API server no longer holds the history the step would watch from
     assert run.wait(job)["steps"] == 20
@@ -439,3 +436,34 @@ def test_the_role_grants_exactly_the_trainjob_calls_the_step_makes(tmp_path, sch
     with pytest.raises(CanaryflowError):
         run.run(str(data), str(tmp_path / "out"))
     assert {(group, plural, verb, None) for group, plural, verb in CALLED} == set(TRAINJOB_CALLS)
+
+
+def test_fine_tune_step_on_several_nodes_waits_for_a_trainjob_instead_of_training(tmp_path, monkeypatch):
+    from kfp.dsl import Dataset, Metrics, Model
+
+    from canaryflow.components.fine_tune import fine_tune
+    from canaryflow.registry.tracking import sqlite_uri
+
+    # No cluster here: the TrainJob path stops at the Kubernetes credentials, before any training could start.
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    cfg = load_config(
+        overrides=[
+            f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'workdir')}",
+            f"train.checkpoint_dir={tmp_path / 'claim'}",
+            "train.nodes=2",
+        ]
+    )
+    ids = {"config_json": cfg.model_dump_json(), "run_key": RUN_KEY, "job_id": ""}
+    data = tmp_path / "data"
+    data.mkdir()
+    artifacts = {
+        "data": Dataset(name="data", uri=str(data), metadata={}),
+        "model": Model(name="model", uri=str(tmp_path / "model"), metadata={}),
+        "metrics": Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={}),
+    }
+    with pytest.raises(CanaryflowError, match="no Kubernetes credentials"):
+        fine_tune.python_func(**artifacts, **ids, checkpoint_claim="run-claim")
+    with pytest.raises(BadInputError, match="train.nodes > 1 trains in a Kubeflow Trainer TrainJob"):
+        fine_tune.python_func(**artifacts, **ids)  # kfp.local: no claim to share
+    assert not (tmp_path / "model").exists()

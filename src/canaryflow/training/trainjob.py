@@ -52,7 +52,7 @@ DELETE_WAIT_S = 300.0  # longest a retried step waits for its earlier, failed Tr
 ERRORS = "errors"  # <workspace>/errors/rank-<RANK>.txt: each failed rank's one-line error
 HINTS = {
     403: "; fine_tune's service account needs trainjobs in the Role in manifests/base/rbac.yaml",
-    404: "; is Kubeflow Trainer installed (README, 'On a cluster')?",
+    404: "; is Kubeflow Trainer installed (README, 'Several nodes')?",
 }
 
 
@@ -241,7 +241,8 @@ class TrainJobRun:
     # --- the run ---
 
     def stage(self, data_dir: str) -> None:
-        """Put what every rank reads on the claim, and clear what an earlier attempt's ranks left."""
+        """Put what every rank reads on the claim, and clear what an earlier attempt's ranks left: only before a
+        TrainJob is created, never under one that runs."""
         from canaryflow.training.checkpoints import ensure_writable
 
         ensure_writable(self.work, self.cfg)
@@ -251,33 +252,35 @@ class TrainJobRun:
             shutil.rmtree(stale, ignore_errors=True)
         (self.work / "model").mkdir()
 
-    def start(self) -> dict:
+    def start(self, data_dir: str) -> dict:
         """Create the TrainJob, or take over the one an earlier attempt of this step left running (its pod lost
         without a chance to delete it); an earlier one that failed is deleted first, and the new one resumes from
         the run's checkpoints."""
         from canaryflow.rollout.kserve import ApiError
 
         body = trainjob(self.cfg, self.name, self.namespace, self.claim, self.run_key)
+        earlier = self._get(missing_ok=True)
+        state = finished(earlier) if earlier else None
+        if earlier is not None and (state is None or state[0] == "Complete"):
+            print(f"trainjob: {self.where} already exists; waiting for it", file=sys.stderr, flush=True)
+            return earlier
         print(f"trainjob: creating {self.where} on {self.cfg.train.nodes} nodes", file=sys.stderr, flush=True)
+        if earlier is not None:
+            self._delete()
+            waited = 0.0
+            while self._get(missing_ok=True) is not None:
+                if waited >= DELETE_WAIT_S:
+                    raise CanaryflowError(f"{self.where}: the earlier, failed TrainJob was not gone after {waited:g} s")
+                waited += self._pause(5.0)
+        self.stage(data_dir)
         try:
             return self._call("create", self.api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
                               PLURAL, body)  # fmt: skip
         except ApiError as exc:
             if exc.status != 409:
                 raise
-        earlier = self._get(missing_ok=True)
-        state = finished(earlier) if earlier else None
-        if earlier is not None and (state is None or state[0] == "Complete"):
-            print(f"trainjob: {self.where} already exists; waiting for it", file=sys.stderr, flush=True)
-            return earlier
-        self._delete()
-        waited = 0.0
-        while self._get(missing_ok=True) is not None:
-            if waited >= DELETE_WAIT_S:
-                raise CanaryflowError(f"{self.where}: an earlier attempt's TrainJob was not gone after {waited:g} s")
-            waited += self._pause(5.0)
-        return self._call("create", self.api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                          PLURAL, body)  # fmt: skip
+        # Created since the read above (another attempt of this step, still alive): follow that one.
+        return self._get()
 
     def _pause(self, seconds: float) -> float:
         time.sleep(seconds)
@@ -358,10 +361,9 @@ class TrainJobRun:
         is terminated or the pod evicted, Ctrl-C) deletes the TrainJob before it exits."""
         from canaryflow.rollout.kserve import Interrupted, rollback_on_signals
 
-        self.stage(data_dir)
         with rollback_on_signals(during="the TrainJob"):
             try:
-                metrics = self.wait(self.start())
+                metrics = self.wait(self.start(data_dir))
             except (Interrupted, KeyboardInterrupt) as exc:
                 self._delete()
                 raise Cancelled(f"{self.where} was deleted: the step was stopped ({first_line(exc)})") from None
