@@ -467,3 +467,61 @@ def test_fine_tune_step_on_several_nodes_waits_for_a_trainjob_instead_of_trainin
     with pytest.raises(BadInputError, match="train.nodes > 1 trains in a Kubeflow Trainer TrainJob"):
         fine_tune.python_func(**artifacts, **ids)  # kfp.local: no claim to share
     assert not (tmp_path / "model").exists()
+
+
+def test_the_trainjobs_own_command_trains_under_torchrun_as_the_torch_runtime_starts_it(tmp_path, prepared, demo_files):
+    """Not the fake: the TrainJob's command, run as one node of one process with the PET_* variables the torch
+    runtime sets (torch.go EnforceMLPolicy; PET_MASTER_ADDR is <job>-node-0-0.<job> there, loopback here). Stopped
+    after a checkpoint, as the kubelet stops a deleted pod (SIGTERM to the container's torchrun, which takes its
+    workers down with it), then run again as a retried step's new TrainJob, it resumes from the run's checkpoints
+    and leaves rank 0's log, metrics and model where the waiting step collects them."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import demo_config
+    from tests.servers import free_port
+
+    cfg = demo_config(
+        demo_files,
+        f"train.checkpoint_dir={tmp_path / 'claim'}",
+        "train.nodes=2",
+        "train.accelerator_limit=0",
+        "train.max_steps=30",
+        "train.checkpoint_steps=2",
+        "train.min_loss_ratio=null",
+    )
+    checkpoints = tmp_path / "claim" / RUN_KEY
+    command = trainjob.trainjob(cfg, job_name(RUN_KEY), NS, "claim", RUN_KEY)["spec"]["trainer"]["command"]
+    assert command[:3] == ["python", "-m", "torch.distributed.run"]
+    argv = [sys.executable, *command[1:]]
+
+    def env() -> dict:
+        pet = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "127.0.0.1"}
+        return {**os.environ, **pet, "PET_MASTER_PORT": str(free_port())}
+
+    first = TrainJobRun(cfg, RUN_KEY, "claim", None, NS, lambda step, m: None)
+    first.stage(str(prepared[0]))
+    lost = subprocess.Popen(argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "checkpoint-2" / "trainer_state.json").is_file():
+        assert lost.poll() is None and time.monotonic() < deadline, lost.stderr.read()[-2000:] if lost.poll() else ""
+        time.sleep(0.05)
+    lost.send_signal(signal.SIGTERM)
+    lost.communicate(timeout=120)
+    saved = max(
+        int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
+    )
+    assert saved < 30
+
+    logged: list[int] = []
+    retried = TrainJobRun(cfg, RUN_KEY, "claim", None, NS, lambda step, m: logged.append(step))
+    retried.stage(str(prepared[0]))
+    done = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    retried.read_log()
+    metrics = retried.collect()
+    assert (metrics["steps"], metrics["resumed_from_step"]) == (30, saved)
+    # Rank 0's log holds only the resumed steps, each once, in order, up to the last.
+    assert logged and min(logged) > saved and logged == sorted(set(logged)) and logged[-1] == 30
+    assert (retried.work / "model" / "model.safetensors").is_file()
