@@ -55,7 +55,8 @@ def _checkpoint_claim(cfg: Config):
         source["apiGroup"] = "snapshot.storage.k8s.io"
     create_task = kubernetes.CreatePVC(
         pvc_name_suffix=CHECKPOINT_CLAIM_SUFFIX,
-        access_modes=["ReadWriteOnce"],
+        # A TrainJob's nodes all mount it: its storage class must offer ReadWriteMany (README).
+        access_modes=["ReadWriteMany" if t.nodes > 1 else "ReadWriteOnce"],
         size=t.checkpoint_size,
         storage_class_name=t.checkpoint_storage_class,
         data_source=source,
@@ -64,11 +65,13 @@ def _checkpoint_claim(cfg: Config):
     return create_task
 
 
-def _schedule_training(task, cfg: Config, local: bool, claim) -> None:
-    """fine_tune's resources and placement on a cluster, all from config: accelerators, CPU and memory
-    requests, node selector, tolerations, /dev/shm for NCCL, and the claim its checkpoints outlive a
-    preempted pod on."""
-    t = cfg.train
+def _claim_name(claim):
+    """A shared claim's name, or a per-run claim's as its create task outputs it."""
+    return claim if isinstance(claim, str) else claim.outputs["name"]
+
+
+def _place_training(task, t) -> None:
+    """What the pod that trains asks for: accelerators, CPU and memory, placement, and /dev/shm for NCCL."""
     if t.accelerator_limit > 0:
         task.set_accelerator_type(t.accelerator_type).set_accelerator_limit(t.accelerator_limit)
     if t.cpu_request:
@@ -83,10 +86,18 @@ def _schedule_training(task, cfg: Config, local: bool, claim) -> None:
         kubernetes.empty_dir_mount(
             task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=t.shm
         )
+
+
+def _schedule_training(task, cfg: Config, local: bool, claim) -> None:
+    """fine_tune's resources and placement on a cluster, all from config: accelerators, CPU and memory
+    requests, node selector, tolerations, /dev/shm for NCCL, and the claim its checkpoints outlive a
+    preempted pod on. With train.nodes > 1 the step only waits for its TrainJob, which gets the accelerators and
+    placement instead (canaryflow.training.trainjob): the waiting pod asks for none of them."""
+    t = cfg.train
+    if t.nodes == 1:
+        _place_training(task, t)
     if claim is not None:
-        kubernetes.mount_pvc(
-            task, pvc_name=claim if isinstance(claim, str) else claim.outputs["name"], mount_path=CHECKPOINT_MOUNT
-        )
+        kubernetes.mount_pvc(task, pvc_name=_claim_name(claim), mount_path=CHECKPOINT_MOUNT)
     # Each retry resumes from the last checkpoint, so a preemption costs minutes, not the whole run. Locally
     # nothing preempts the process: a failure is the training's own, and a retry would only repeat it.
     if not local:
@@ -103,8 +114,10 @@ def build_pipeline(cfg: Config, local: bool = False):
         record_task = record_outcome(**ids).set_display_name("record outcome")
         with dsl.ExitHandler(record_task, name="lifecycle"):
             prepare_task = prepare_data(**ids).set_display_name("prepare data")
-            train_task = fine_tune(data=prepare_task.outputs["data"], **ids).set_display_name("fine-tune")
             claim = None if local else _checkpoint_claim(cfg)
+            # A TrainJob's nodes mount the claim by its name, which the step is told; one pod needs no name.
+            named = {} if claim is None or cfg.train.nodes == 1 else {"checkpoint_claim": _claim_name(claim)}
+            train_task = fine_tune(data=prepare_task.outputs["data"], **ids, **named).set_display_name("fine-tune")
             _schedule_training(train_task, cfg, local, claim)
             if claim is not None and not isinstance(claim, str):
                 # Once the model is saved its checkpoints are spent. A fine_tune that failed every retry keeps
@@ -183,9 +196,28 @@ def check_backend(cfg: Config) -> None:
         )
 
 
+def check_nodes(cfg: Config) -> None:
+    """A TrainJob's nodes share the run's checkpoint claim, mounted where the step mounts it: refuse in one line a
+    config that gives them none, or a folder outside it."""
+    t = cfg.train
+    if t.nodes == 1:
+        return
+    if not t.checkpoint_pvc:
+        raise BadInputError(
+            f"train.nodes={t.nodes} needs train.checkpoint_pvc: the TrainJob's nodes read the data and write the "
+            "model and checkpoints on that claim (ReadWriteMany)"
+        )
+    if t.checkpoint_dir not in (None, CHECKPOINT_MOUNT):
+        raise BadInputError(
+            f"train.nodes={t.nodes}: train.checkpoint_dir must be unset (the claim's mount, {CHECKPOINT_MOUNT}), "
+            f"not {t.checkpoint_dir}, which the TrainJob's nodes would not share"
+        )
+
+
 def compile_pipeline(cfg: Config, package_path: str) -> str:
     from kfp import compiler
 
     check_backend(cfg)
+    check_nodes(cfg)
     compiler.Compiler().compile(build_pipeline(for_cluster(cfg)), package_path=package_path)
     return package_path

@@ -212,7 +212,10 @@ class TrainConfig(_Section):
     )
     accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource asked for on a cluster.")
     accelerator_limit: int = Field(
-        1, ge=0, description="Accelerators for fine_tune on a cluster (0: CPU only; >1: data-parallel via torchrun)."
+        1,
+        ge=0,
+        description="Accelerators for fine_tune on a cluster, per node with train.nodes > 1 (0: CPU only; >1: "
+        "data-parallel via torchrun).",
     )
     cpu_request: str | None = Field(None, description="CPU request of fine_tune on a cluster, e.g. '4'.")
     memory_request: str | None = Field(None, description="Memory request of fine_tune on a cluster, e.g. '16Gi'.")
@@ -220,6 +223,28 @@ class TrainConfig(_Section):
         default_factory=dict, description="Node labels fine_tune must run on, e.g. {'gpu-type': 'a100'}."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints fine_tune may run on.")
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes fine_tune trains on. 1: in the step's own pod. More: the step creates a Kubeflow Trainer "
+        "TrainJob of this many nodes (each with accelerator_limit accelerators, the node selector and tolerations "
+        "below) and waits for it; its checkpoint claim must be ReadWriteMany (docs/design/multi-node-training.md).",
+    )
+    max_wall_seconds: int = Field(
+        86400,
+        gt=0,
+        description="With nodes > 1: the longest fine_tune waits for its TrainJob (also the TrainJob's "
+        "activeDeadlineSeconds); past it the TrainJob is deleted and the step fails.",
+    )
+    runtime: str = Field(
+        "torch-distributed",
+        min_length=1,
+        description="With nodes > 1: the Kubeflow Trainer runtime the TrainJob references (the PyTorch one).",
+    )
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime",
+        description="Whether train.runtime is cluster-wide or a TrainingRuntime in the pipeline's namespace.",
+    )
     shm_size: str | None = Field(
         None,
         pattern=QUANTITY,

@@ -68,16 +68,19 @@ def _flat(prefix: str, values: dict) -> dict[str, object]:
 
 
 @mlflow_step("fine-tuning")
-def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) -> dict:
+def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str, checkpoint_claim: str = "") -> dict:
     """Train, logging every parameter up front and each logged step's telemetry as it happens, so an
     operator watching MLflow sees loss, throughput, memory and the health counters live. A run that
-    fails (NaN, no learning, a crash) keeps what it logged; its checkpoints stay for the rerun."""
+    fails (NaN, no learning, a crash) keeps what it logged; its checkpoints stay for the rerun. With
+    train.nodes > 1 a Kubeflow Trainer TrainJob trains on the nodes and this step waits for it; its nodes share
+    `checkpoint_claim`, the claim mounted at train.checkpoint_dir."""
     import mlflow
     import torch
 
     from canaryflow.registry.tracking import pipeline_run
     from canaryflow.training.fine_tune import fine_tune
     from canaryflow.training.launch import data_parallel
+    from canaryflow.training.trainjob import train_on_nodes
 
     cfg = Config.from_json(config_json)
     checkpoints = str(Path(cfg.train.checkpoint_dir) / run_key) if cfg.train.checkpoint_dir else None
@@ -86,19 +89,19 @@ def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str) 
         params.update({f"data.{k}": getattr(cfg.data, k) for k in ("max_source_length", "max_target_length")})
         # A retried step logs the same values again, which MLflow accepts; a changed value it refuses.
         mlflow.log_params(params)
+
+        def log_step(step: int, m: dict) -> None:
+            mlflow.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step)
+
         gpus = torch.cuda.device_count()
-        if gpus > 1:
+        if cfg.train.nodes > 1:
+            metrics = train_on_nodes(cfg, run_key, data_dir, out_dir, checkpoint_claim, on_metrics=log_step)
+        elif gpus > 1:
             metrics = data_parallel(cfg, gpus, data_dir, out_dir, checkpoints)
             for entry in metrics.pop("steps_log"):
                 mlflow.log_metrics({f"train.{k}": v for k, v in entry.items() if k != "step"}, step=entry["step"])
         else:
-            metrics = fine_tune(
-                cfg,
-                data_dir,
-                out_dir,
-                checkpoints,
-                on_metrics=lambda step, m: mlflow.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
-            )
+            metrics = fine_tune(cfg, data_dir, out_dir, checkpoints, on_metrics=log_step)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         mlflow.log_dict(metrics, "train/train_metrics.json")
         if metrics.get("learning_curve"):

@@ -52,6 +52,22 @@ KFP_BACKEND_CALLS_IF: dict[str, set[Call]] = {
     # backend/src/v2/cmd/driver/main.go getCurrentWorkflowMetadata reads the schedule time off the Workflow.
     "{{$.pipeline_job_schedule_time_utc}}": {("argoproj.io", "workflows", "get", None)},
 }
+# fine_tune with train.nodes > 1 (src/canaryflow/training/trainjob.py), recorded from the step itself against a fake
+# Kubernetes API in tests/manifests/test_trainjob.py. Granted whatever train.nodes is: the Role is one manifest for
+# every run, and on a cluster without Kubeflow Trainer the grant names a resource that does not exist.
+TRAINJOB_CALLS: dict[Call, str] = {
+    ("trainer.kubeflow.org", "trainjobs", "create", None): "TrainJobRun.start creates the run's TrainJob",
+    ("trainer.kubeflow.org", "trainjobs", "watch", None): (
+        "TrainJobRun._watch follows its status: GET on the collection with watch=true, fieldSelector metadata.name"
+    ),
+    ("trainer.kubeflow.org", "trainjobs", "get", None): (
+        "TrainJobRun._get looks for an earlier attempt's before creating it, and reads it after a quiet watch"
+    ),
+    ("trainer.kubeflow.org", "trainjobs", "delete", None): (
+        "TrainJobRun._delete on timeout (train.max_wall_seconds), when the step is stopped, and an earlier "
+        "attempt's failed one"
+    ),
+}
 # Not listed: backend/src/v2/component/launcher_v2.go retryIndexFromPodAnnotation gets its pod only where the API
 # server set no KFP_RETRY_INDEX (older than the compiler that ships with it), and only warns when refused.
 

@@ -265,3 +265,41 @@ def test_fine_tune_on_several_accelerators_gets_a_memory_backed_dev_shm(tmp_path
     for limit in (1, 0):
         path, _ = _compile(tmp_path, f"train.accelerator_limit={limit}")
         assert all("emptyDirMounts" not in executor for executor in _kubernetes(path).values()), limit
+
+
+def test_on_several_nodes_fine_tune_carries_the_trainjob_settings_and_waits_without_a_gpu(tmp_path):
+    path, spec = _compile(
+        tmp_path,
+        "train.nodes=4",
+        "train.accelerator_limit=2",
+        "train.max_wall_seconds=7200",
+        "train.runtime=torch-a100",
+        "train.node_selector={gpu-type: a100}",
+        "train.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+    )
+    baked = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
+    train = baked["train"]
+    assert (train["nodes"], train["max_wall_seconds"], train["runtime"]) == (4, 7200, "torch-a100")
+    assert train["runtime_kind"] == "ClusterTrainingRuntime" and train["accelerator_limit"] == 2
+    assert train["node_selector"] == {"gpu-type": "a100"} and train["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # The TrainJob asks for the GPUs and the placement; the step that waits for it asks for none of them.
+    assert "resources" not in spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]
+    fine_tune = _kubernetes(path)["exec-fine-tune"]
+    assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(fine_tune)
+    # Every node mounts the run's claim, so it is ReadWriteMany, and the step is told its name to give them.
+    tasks = _inner_tasks(spec)
+    create = tasks["createpvc"]["inputs"]["parameters"]
+    assert create["access_modes"]["runtimeValue"]["constant"] == ["ReadWriteMany"]
+    claim = tasks["fine-tune"]["inputs"]["parameters"]["checkpoint_claim"]["taskOutputParameter"]
+    assert claim == {"outputParameterKey": "name", "producerTask": "createpvc"}
+    assert fine_tune["pvcMount"][0]["mountPath"] == train["checkpoint_dir"]
+    # One node: the step trains itself, on a claim of its own, and is given no claim name.
+    _, spec = _compile(tmp_path)
+    assert "checkpoint_claim" not in _inner_tasks(spec)["fine-tune"]["inputs"]["parameters"]
+
+
+def test_several_nodes_without_a_claim_they_share_are_refused_in_one_line():
+    line = _compile_fails("train.nodes=2", "train.checkpoint_pvc=null")
+    assert "train.nodes=2 needs train.checkpoint_pvc" in line
+    line = _compile_fails("train.nodes=2", "train.checkpoint_dir=/tmp/elsewhere")
+    assert "train.checkpoint_dir must be unset" in line

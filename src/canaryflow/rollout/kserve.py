@@ -290,18 +290,24 @@ def kubernetes_client() -> Any:
     return client.ApiClient()
 
 
-def _api_failure(exc: Exception, verb: str, what: str, missing_ok: bool = False) -> Exception | None:
-    """The one-line error for a failed Kubernetes call (None: a 404 the caller expects)."""
+CANARY_HINTS = {
+    403: "; the canary step's service account needs the Role in manifests/base/rbac.yaml",
+    404: "; is KServe installed, and canary.kserve.namespace right?",
+}
+
+
+def _api_failure(
+    exc: Exception, verb: str, what: str, missing_ok: bool = False, hints: dict[int, str] = CANARY_HINTS
+) -> Exception | None:
+    """The one-line error for a failed Kubernetes call (None: a 404 the caller expects); `hints` say, per HTTP
+    status, what the caller's operator should check."""
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
         if exc.status == 404 and missing_ok:
             return None
         detail = _json_field(exc.body, "message") or exc.reason or "no reason given"
-        hint = {
-            403: "; the canary step's service account needs the Role in manifests/base/rbac.yaml",
-            404: "; is KServe installed, and canary.kserve.namespace right?",
-        }.get(exc.status, "")
+        hint = hints.get(exc.status, "")
         return ApiError(exc.status, f"cannot {verb} {what}: {exc.status} {detail}{hint}")
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return CanaryflowError(f"the Kubernetes API did not answer ({verb} {what}): {first}")
@@ -313,14 +319,22 @@ class ApiError(CanaryflowError):
         self.status = status
 
 
-def _call(what: str, verb: str, method: Callable, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
+def _call(
+    what: str,
+    verb: str,
+    method: Callable,
+    *args: Any,
+    missing_ok: bool = False,
+    hints: dict[int, str] = CANARY_HINTS,
+    **kwargs: Any,
+) -> Any:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError as TransportError
 
     try:
         return method(*args, **kwargs)
     except (ApiException, OSError, TransportError) as exc:
-        failure = _api_failure(exc, verb, what, missing_ok)
+        failure = _api_failure(exc, verb, what, missing_ok, hints)
         if failure is None:
             return None
         raise failure from None
@@ -566,7 +580,7 @@ class Interrupted(CanaryflowError):
 
 
 @contextmanager
-def rollback_on_signals() -> Iterator[None]:
+def rollback_on_signals(during: str = "the canary") -> Iterator[None]:
     """Turn SIGTERM and SIGINT into an exception while a canary runs, so its cleanup (give the champion all the
     traffic back) runs before the process exits. Kubernetes sends SIGTERM, then SIGKILL after the pod's grace
     period (30 s by default), when a run is terminated or its pod evicted."""
@@ -575,7 +589,7 @@ def rollback_on_signals() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} during the canary")
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} during {during}")
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
