@@ -365,3 +365,21 @@ def test_per_example_latency_is_the_time_of_the_batch_it_was_in(trained):
     assert outputs == generator.generate(inputs, batch_size=2, max_new_tokens=8)
     assert len(latencies) == 3 and all(ms > 0 for ms in latencies)
     assert latencies[0] == latencies[1] != latencies[2]  # the two shortest inputs shared a batch
+
+
+def test_a_checkpoint_is_resumed_wherever_the_run_goes_but_not_after_what_it_trains_changed(tmp_path):
+    from canaryflow.config import load_config
+    from canaryflow.training.fine_tune import fingerprint
+
+    (tmp_path / "data_card.json").write_text(json.dumps({"content_hash": "abc"}))
+
+    def mark(*overrides):
+        return fingerprint(load_config(overrides=list(overrides)), tmp_path)
+
+    same = mark()
+    for where in ("train.runtime=other", "train.max_wall_seconds=60", "train.num_threads=2", "train.tolerations=[]"):
+        assert mark(where) == same, where
+    for what in ("train.nodes=2", "train.learning_rate=0.01", "model.task=classification"):
+        assert mark(what) != same, what
+    (tmp_path / "data_card.json").write_text(json.dumps({"content_hash": "other data"}))
+    assert mark() != same

@@ -116,6 +116,8 @@ def fingerprint(cfg: Config, data_dir: str | Path) -> str:
     it runs) and the data's content hash."""
     card = json.loads((Path(data_dir) / "data_card.json").read_text(encoding="utf-8"))
     where = {"checkpoint_dir", "checkpoint_pvc", "cpu_request", "memory_request", "node_selector", "tolerations"}
+    # The TrainJob's runtime and its wait bound; not train.nodes, which multiplies the batch a step trains on.
+    where |= {"runtime", "runtime_kind", "max_wall_seconds"}
     train = cfg.train.model_dump(exclude=where | {"accelerator_type", "accelerator_limit", "num_threads"})
     payload = json.dumps([cfg.model.model_dump(), train, card["content_hash"]], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
