@@ -131,7 +131,7 @@ def _log_learning_curve(metrics: dict) -> None:
 def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, out_dir: str) -> dict:
     import mlflow
 
-    from canaryflow.evaluation.scoring import PLOT_FILE, evaluate_models
+    from canaryflow.evaluation.scoring import LEARNING_CURVE_FILE, PLOT_FILE, evaluate_models
     from canaryflow.registry import models
     from canaryflow.registry.tracking import pipeline_run
 
@@ -146,8 +146,9 @@ def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir
         for metric, c in (result["comparisons"] or {}).items():
             mlflow.log_metrics({f"gate.{metric}.diff": c["diff"], f"gate.{metric}.p_value": c["p_value"]})
         mlflow.log_dict(result, "evaluation/evaluation.json")
-        for name in ("report.md", "report.html", PLOT_FILE):
-            mlflow.log_artifact(str(Path(out_dir) / name), "evaluation")
+        for name in ("report.md", "report.html", PLOT_FILE, LEARNING_CURVE_FILE):
+            if (Path(out_dir) / name).is_file():  # no learning curve from a model folder without its metrics
+                mlflow.log_artifact(str(Path(out_dir) / name), "evaluation")
         mlflow.set_tag("gate.passed", str(result["gate"]["passed"]).lower())
         _mark_done("evaluate_model")
     return result

@@ -117,6 +117,9 @@ def test_evaluate_model_returns_the_gate_and_a_report(chain):
     run = find_run(chain["cfg"], "job-1")
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/report.html", "evaluation/per_example_differences.png"} <= logged
+    # The reviewer sees in the report why the challenger's training stopped, and its learning curve.
+    assert "evaluation/learning_curve.png" in logged
+    assert "## Training" in (chain["tmp"] / "report.md").read_text() and "Stopped: budget" in html
 
 
 def test_register_and_canary_promote_the_first_model_after_a_smoke_check(chain):

@@ -53,6 +53,41 @@ def test_markdown_and_html_say_the_same_things():
     assert md.count("| input 5 |") == 1 and "| input 5 | nothing | the answer is 5 |" in md
 
 
+TRAINED = {
+    "stopped": "plateau: validation loss did not improve for 3 evaluations",
+    "steps": 300,
+    "max_steps": 900,
+    "train_seconds": 41.6,
+    "first_loss": 7.25,
+    "final_loss": 1.5,
+    "learning_curve": {
+        "train": [[10, 7.25], [150, 2.0], [300, 1.5]],
+        "validation": [[100, 2.4], [200, 1.9], [300, 2.0]],
+    },
+}
+
+
+def test_the_report_says_why_training_stopped_and_shows_its_learning_curve(tmp_path):
+    built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
+    built.training = TRAINED
+    assert report.write_learning_curve(built, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = report.markdown(built, "plot.png", "curve.png")
+    page = report.to_html(built)
+    for text in (
+        "Stopped: plateau: validation loss did not improve for 3 evaluations, after 300 steps (at most 900) in 42 s.",
+        "Training loss 7.250 at the first logged step, 1.500 at the last.",
+        "Validation loss 2.000 at step 300; lowest 1.900 at step 200, of 3 evaluations.",
+    ):
+        assert html.escape(text) in page, text
+        assert text in md, text
+    assert "![learning curve](curve.png)" in md
+    assert page.count("data:image/png;base64,") == 2  # the per-example plot and the learning curve
+    # A model folder without its training metrics (a model trained elsewhere): no section, no curve.
+    bare = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
+    assert "## Training" not in report.markdown(bare) and not report.write_learning_curve(bare, tmp_path / "x.png")
+
+
 def test_the_plot_counts_wins_and_losses():
     ax = report.plot(report.build(RESULT, INPUTS, REFS, PREDICTIONS))
     assert len(ax.patches) == 6

@@ -2,7 +2,8 @@
 viewer, with the plot inline), built from one list of sections so the two always say the same thing.
 
 It holds the metric table with the paired bootstrap's differences and confidence intervals, the gate's
-reasons, a plot of per-example score differences, and the examples the challenger won and lost most.
+reasons, a plot of per-example score differences, the examples the challenger won and lost most, and how the
+challenger's training went: why it stopped, and its learning curve.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Report:
     unit: str = "chrF"  # what per_example measures
     best: list[Example] = field(default_factory=list)
     worst: list[Example] = field(default_factory=list)
+    training: dict | None = None  # the challenger's train_metrics.json, where its model folder has one
 
 
 def sentence_chrf(predictions: list[str], references: list[list[str]]) -> list[float]:
@@ -157,7 +159,7 @@ def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]
     ]
     if latency:
         summary.append(f"Challenger latency per example: p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms.")
-    return [
+    sections: list[tuple[str, tuple[list[str], list[list[str]]] | list[str]]] = [
         ("Summary", summary),
         ("Metrics", _metric_rows(result)),
         ("Gate reasons", [*gate["reasons"], *(f"warning: {w}" for w in gate.get("warnings", []))]),
@@ -170,9 +172,49 @@ def _sections(report: Report) -> list[tuple[str, tuple[list[str], list[list[str]
             _example_rows(report.worst, compared, report.unit),
         ),
     ]
+    if report.training:
+        sections.append(("Training", _training_lines(report.training)))
+    return sections
 
 
-def markdown(report: Report, plot_file: str | None = None) -> str:
+def _training_lines(train: dict) -> list[str]:
+    """Why training stopped, and where its losses ended: a budget that stopped it long before the validation
+    loss did shows here."""
+    lines = [
+        f"Stopped: {train.get('stopped', 'unknown')}, after {train['steps']} steps (at most "
+        f"{train.get('max_steps', train['steps'])}) in {train.get('train_seconds', 0):.0f} s.",
+        f"Training loss {train['first_loss']:.3f} at the first logged step, {train['final_loss']:.3f} at the last.",
+    ]
+    validation = (train.get("learning_curve") or {}).get("validation") or []
+    if validation:
+        step, best = min(validation, key=lambda point: point[1])
+        lines.append(
+            f"Validation loss {validation[-1][1]:.3f} at step {validation[-1][0]:.0f}; lowest {best:.3f} at step "
+            f"{step:.0f}, of {len(validation)} evaluations."
+        )
+    return lines
+
+
+def _learning_curve_png(train: dict) -> bytes | None:
+    if not (train.get("learning_curve") or {}).get("train"):
+        return None
+    from canaryflow.training.health import plot_learning_curve
+
+    buffer = io.BytesIO()
+    plot_learning_curve(train["learning_curve"], train.get("stopped", "unknown"), buffer)
+    return buffer.getvalue()
+
+
+def write_learning_curve(report: Report, path) -> bool:
+    """The learning curve as a PNG at `path`, for the Markdown report to show; False where there is none."""
+    image = _learning_curve_png(report.training or {})
+    if image is not None:
+        with open(path, "wb") as handle:
+            handle.write(image)
+    return image is not None
+
+
+def markdown(report: Report, plot_file: str | None = None, curve_file: str | None = None) -> str:
     lines = ["# Evaluation", ""]
     for title, content in _sections(report):
         lines += [f"## {title}", ""]
@@ -180,6 +222,8 @@ def markdown(report: Report, plot_file: str | None = None) -> str:
         lines.append("")
         if title == "Gate reasons" and plot_file:
             lines += ["## Per-example differences", "", f"![per-example differences]({plot_file})", ""]
+        if title == "Training" and curve_file:
+            lines += [f"![learning curve]({curve_file})", ""]
     return "\n".join(lines)
 
 
@@ -200,6 +244,9 @@ def to_html(report: Report) -> str:
                 "<h2>Per-example differences</h2>"
                 f"<img alt='per-example differences' src='data:image/png;base64,{image}'>"
             )
+        curve = _learning_curve_png(report.training) if title == "Training" and report.training else None
+        if curve is not None:
+            parts.append(f"<img alt='learning curve' src='data:image/png;base64,{base64.b64encode(curve).decode()}'>")
     parts.append("</body></html>")
     return "".join(parts)
 

@@ -19,6 +19,7 @@ from canaryflow.stats import percentile
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 METRIC_MODULES = ("corpus_bleu", "corpus_chrf", "rouge_mean", "token_f1")
 PLOT_FILE = "per_example_differences.png"
+LEARNING_CURVE_FILE = "learning_curve.png"  # beside report.md, which shows it
 
 
 @cache
@@ -119,7 +120,10 @@ def evaluate_models(
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     built = report.build(result, inputs, references, predictions, cfg.model.task)
+    trained = Path(challenger_dir) / "train_metrics.json"
+    built.training = json.loads(trained.read_text(encoding="utf-8")) if trained.is_file() else None
     report.plot(built).figure.savefig(out / PLOT_FILE, dpi=100)
-    (out / "report.md").write_text(report.markdown(built, PLOT_FILE), encoding="utf-8")
+    curve = LEARNING_CURVE_FILE if report.write_learning_curve(built, out / LEARNING_CURVE_FILE) else None
+    (out / "report.md").write_text(report.markdown(built, PLOT_FILE, curve), encoding="utf-8")
     (out / "report.html").write_text(report.to_html(built), encoding="utf-8")
     return result

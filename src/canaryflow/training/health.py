@@ -81,7 +81,8 @@ def learning_curve(log_history: list[dict]) -> dict[str, list[list[float]]]:
 
 
 def plot_learning_curve(curve: dict[str, list[list[float]]], stopped: str, path) -> None:
-    """Training and validation loss against the step, titled with why training stopped."""
+    """Training and validation loss against the step, titled with why training stopped, saved to `path` (a file
+    name or a binary file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,7 @@ def plot_learning_curve(curve: dict[str, list[list[float]]], stopped: str, path)
     ax.set_title(f"learning curve (stopped: {stopped})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
