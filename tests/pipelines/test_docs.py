@@ -7,10 +7,14 @@ import re
 import shlex
 import shutil
 
+import pytest
+
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
 from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # the registry is the lifecycle's: one whole DAG run, shared with the other slow tests
 
 RUNBOOKS = REPO / "docs" / "runbooks"
 # What runs without a cluster: the registry, a rollback, a drift check of a log on disk.
