@@ -702,6 +702,11 @@ class SecretEnv(_Section):
         None, description="The steps that get it, e.g. [canary_rollout]; unset: every step."
     )
 
+    def env(self) -> list[dict]:
+        """Its keys as a container's environment, by reference: nothing secret is written into the object."""
+        ref = {"name": self.secret, **({"optional": True} if self.optional else {})}
+        return [{"name": var, "valueFrom": {"secretKeyRef": {**ref, "key": key}}} for key, var in self.keys.items()]
+
 
 class ClusterConfig(_Section):
     """What a cluster run takes from Kubernetes rather than from this config, so that nothing secret is ever

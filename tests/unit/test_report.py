@@ -26,6 +26,12 @@ RESULT = {
 }
 
 
+def _both_say(md: str, page: str, *texts: str) -> None:
+    for text in texts:
+        assert html.escape(text) in page, text
+        assert text in md, text
+
+
 def test_best_and_worst_examples_come_from_per_example_differences():
     built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
     assert len(built.per_example) == 6
@@ -38,16 +44,16 @@ def test_markdown_and_html_say_the_same_things():
     built = report.build(RESULT, INPUTS, REFS, PREDICTIONS)
     md = report.markdown(built, "plot.png")
     page = report.to_html(built)
-    for text in (
+    _both_say(
+        md,
+        page,
         "Gate: PASSED on 6 test inputs, against champion version 4.",
         "[+5.00, +30.00] (95%)",
         "0.0020 (H0: diff <= -1.00)",
         "ok bleu vs champion: because",
         "warning: gate: bleu's margin 1.00 is below what 6 test inputs can resolve",
         "p50 12 ms, p95 30 ms",
-    ):
-        assert html.escape(text) in page, text
-        assert text in md, text
+    )
     assert "![per-example differences](plot.png)" in md
     assert page.count("data:image/png;base64,") == 1
     assert md.count("| input 5 |") == 1 and "| input 5 | nothing | the answer is 5 |" in md
@@ -74,13 +80,13 @@ def test_the_report_says_why_training_stopped_and_shows_its_learning_curve(tmp_p
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = report.markdown(built, "plot.png", "curve.png")
     page = report.to_html(built)
-    for text in (
+    _both_say(
+        md,
+        page,
         "Stopped: plateau: validation loss did not improve for 3 evaluations, after 300 steps (at most 900) in 42 s.",
         "Training loss 7.250 at the first logged step, 1.500 at the last.",
         "Validation loss 2.000 at step 300; lowest 1.900 at step 200, of 3 evaluations.",
-    ):
-        assert html.escape(text) in page, text
-        assert text in md, text
+    )
     assert "![learning curve](curve.png)" in md
     assert page.count("data:image/png;base64,") == 2  # the per-example plot and the learning curve
     # A model folder without its training metrics (a model trained elsewhere): no section, no curve.

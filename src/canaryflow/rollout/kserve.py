@@ -139,12 +139,7 @@ def predictor_env(cfg: Config) -> list[dict]:
     if not cfg.serving.input_log.enabled or not cfg.serving.input_log.upload_uri:
         return env
     needs = _UPLOAD_ENV.get(urlparse(cfg.serving.input_log.upload_uri).scheme, _UPLOAD_ENV[""])
-    for source in cfg.cluster.secrets:
-        for key, variable in source.keys.items():
-            if variable.startswith(needs):
-                ref = {"name": source.secret, "key": key, **({"optional": True} if source.optional else {})}
-                env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
-    return env
+    return env + [e for source in cfg.cluster.secrets for e in source.env() if e["name"].startswith(needs)]
 
 
 def bucket_bound(threshold: float, bounds: tuple[float, ...]) -> float:

@@ -92,14 +92,9 @@ def _command(work: Path, checkpoints: Path) -> list[str]:
 def _secret_env(cfg: Config) -> list[dict]:
     """The Secrets the fine_tune step gets (cluster.secrets), for the ranks: a hub model needs HF_TOKEN, a models:/
     base the MLflow server."""
-    env = []
-    for source in cfg.cluster.secrets:
-        if source.steps is not None and "fine_tune" not in source.steps:
-            continue
-        for key, name in source.keys.items():
-            ref = {"name": source.secret, "key": key, "optional": source.optional}
-            env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
-    return env
+    return [
+        e for source in cfg.cluster.secrets if source.steps is None or "fine_tune" in source.steps for e in source.env()
+    ]
 
 
 def trainjob(cfg: Config, name: str, namespace: str, claim: str, run_key: str) -> dict:
