@@ -153,31 +153,50 @@ def under_load(runs: int) -> list[str]:
     return lines
 
 
-def _spread(values: list[int]) -> str:
-    return f"{np.median(values):,.0f} / {np.percentile(values, 95):,.0f}" if values else "-"
+def _spread(values: list[int], interval: bool = False) -> str:
+    """median / p95; with `interval`, the p95's distribution-free 95 % interval (order statistics: the rank
+    of the 95th percentile in n draws is binomial(n, 0.95))."""
+    if not values:
+        return "-"
+    text = f"{np.median(values):,.0f} / {np.percentile(values, 95):,.0f}"
+    if interval:
+        n, ordered = len(values), sorted(values)
+        half = 1.96 * math.sqrt(n * 0.95 * 0.05)
+        low, high = ordered[max(int(0.95 * n - half) - 1, 0)], ordered[min(math.ceil(0.95 * n + half) - 1, n - 1)]
+        text += f" ({low:,}-{high:,})"
+    return text
 
 
-def errors_only(runs: int) -> list[str]:
+def errors_only(runs: int, tail_runs: int) -> list[str]:
     lines = [
         "",
         "Errors alone (latency and quality unchanged), default policy. Challenger requests to a rollback, median / "
-        "p95; the reference is Wald's SPRT that knows both error rates, at the first step's 10 %.",
+        f"p95; the reference is Wald's SPRT that knows both error rates, at the first step's 10 % and the error "
+        f"SLI's alpha (0.05 / 3; at alpha 0.05 it needs {_spread(_sprt_runs(tail_runs, 0.05))}). 1 % -> 5 % "
+        f"runs {tail_runs:,} canaries, for a p95 that 200 leave uncertain by about +-40 requests; in brackets, "
+        "the p95's 95 % interval.",
         "",
         "| scenario | check | rolled back | promoted | inconclusive | challenger requests to roll back | "
         "all requests to roll back |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, challenger in ERRORS_ONLY.items():
-        outcomes = [challenger_requests(challenger, seed) for seed in range(runs)]
+        tail = challenger is ERRORS_ONLY["1 % -> 5 % errors"]
+        n = tail_runs if tail else runs
+        outcomes = [challenger_requests(challenger, seed) for seed in range(n)]
         back = [(mine, total) for verdict, mine, total, _ in outcomes if verdict == "rolled_back"]
         lines.append(
-            f"| {name} | sequential (canaryflow) | {_verdicts(outcomes, runs)} "
-            f"| {_spread([m for m, _ in back])} | {_spread([t for _, t in back])} |"
+            f"| {name} | sequential (canaryflow) | {_verdicts(outcomes, n)} "
+            f"| {_spread([m for m, _ in back], tail)} | {_spread([t for _, t in back])} |"
         )
-        if challenger is ERRORS_ONLY["1 % -> 5 % errors"]:
-            reference = [known_rates_sprt(challenger, seed) for seed in range(runs)]
-            lines.append(f"| {name} | SPRT with known rates | {runs} of {runs} | - | - | {_spread(reference)} | - |")
+        if tail:
+            reference = _sprt_runs(n, 0.05 / 3)
+            lines.append(f"| {name} | SPRT with known rates | {n} of {n} | - | - | {_spread(reference, True)} | - |")
     return lines
+
+
+def _sprt_runs(runs: int, alpha: float) -> list[int]:
+    return [known_rates_sprt(ERRORS_ONLY["1 % -> 5 % errors"], seed, alpha=alpha) for seed in range(runs)]
 
 
 def summarize(outcomes: list[tuple[str, int]], wanted: str) -> tuple[float, float]:
@@ -189,9 +208,10 @@ def summarize(outcomes: list[tuple[str, int]], wanted: str) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="simulated canaries per side and scenario")
+    parser.add_argument("--tail-runs", type=int, default=1000, help="simulated canaries for 1 % -> 5 % errors")
     args = parser.parse_args()
     started = time.perf_counter()
-    alone = errors_only(args.runs) + healthy_by_rate(args.runs) + under_load(args.runs)
+    alone = errors_only(args.runs, args.tail_runs) + healthy_by_rate(args.runs) + under_load(args.runs)
     seq_bad = [sequential(BAD, seed) for seed in range(args.runs)]
     seq_good = [sequential(HEALTHY, 10_000 + seed) for seed in range(args.runs)]
     caught, seq_bad_requests = summarize(seq_bad, "rolled_back")
