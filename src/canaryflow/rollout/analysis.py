@@ -26,8 +26,8 @@ Promotion. The steps before the deciding one (the last below 100 %) advance once
 `min_requests_per_step` challenger requests, nothing is surely harmful, nothing leans towards harm and
 their own events rule out a gross regression (see `look`): they bound how many users a bad challenger
 reaches while the rollback tests, which never stop, gather evidence. The deciding step must also prove every
-margin on its own requests (per-step streams, so earlier steps at lower load neither
-promote it nor dilute it): for errors and slow requests the challenger's rate surely under `*_margin` times
+margin on its own requests (per-step streams, so earlier steps at lower load neither promote it nor dilute
+it): for errors and slow requests the challenger's rate surely under `*_margin` times
 the champion's or within `*_floor` of it (`margin`), for quality within `quality_margin`. Its CSs are
 two-sided at the SLI's whole alpha, of which a promotion uses one side of each variant's: alpha_sli / 2 +
 alpha_sli / 2, so a challenger worse than its margin is promoted with probability at most alpha_sli. A step
