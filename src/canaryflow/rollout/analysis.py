@@ -197,7 +197,6 @@ class EventTest:
         self._log_lr = np.zeros((len(self._log_weights), len(_RATIOS)))
         self._started = 1
         self.gross = ratio * GROSS
-        self._step = 0
         self.step_events = {"challenger": 0, "champion": 0}
         self.step_log_gross = 0.0  # log likelihood ratio of `gross` against `ratio`, this step's events alone
         self.log_e = 0.0  # log of the mixture: the evidence against H0 (an e-value)
@@ -208,8 +207,7 @@ class EventTest:
     def restart(self, step: int) -> None:
         """Traffic step `step` (0-based) begins: its own mixture starts now, if the test has one for it."""
         self._started = max(self._started, min(step + 1, len(self._log_weights)))
-        if step != self._step:
-            self._step, self.step_events, self.step_log_gross = step, {"challenger": 0, "champion": 0}, 0.0
+        self.step_events, self.step_log_gross = {"challenger": 0, "champion": 0}, 0.0
 
     def add(self, challenger_events: int, champion_events: int, share: float, requests: tuple[int, int] = (0, 0)):
         """Events seen where the challenger served each request with probability `share` (or served that
