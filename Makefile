@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.canaryflow-installed
 WORKDIR ?= .canaryflow
-PYTEST_ARGS ?=
+# Two workers on the 2-core machine: much of the suite waits on servers and subprocesses. Modules stay whole
+# on one worker, the longest first (tests/conftest.py); PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 .PHONY: run test test-fast compile bench clean venv
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,26 +102,69 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subpro
     )
 
 
-@pytest.fixture(scope="session")
-def lifecycle_run(tmp_path_factory):
-    """One `canaryflow run --json` of the whole DAG on the demo task, shared by the end-to-end tests.
+def _lifecycle_args(workdir: Path) -> list[str]:
+    # Shorter training than `make run`, so the suite stays quick; the floors asserted on it allow for that.
+    return [
+        sys.executable, "-m", "canaryflow.cli", "run", "--json", "--workdir", str(workdir),
+        "--set", "train.max_steps=350", "--set", "demo.bootstrap_max_steps=200", *quick_canary_args(),
+    ]  # fmt: skip
 
-    Shorter training than `make run`, so the suite stays quick; the floors asserted on it allow for that.
-    """
-    workdir = tmp_path_factory.mktemp("lifecycle")
-    result = run_cli(
-        "run",
-        "--json",
-        "--workdir",
-        str(workdir),
-        "--set",
-        "train.max_steps=350",
-        "--set",
-        "demo.bootstrap_max_steps=200",
-        *quick_canary_args(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, json.loads(result.stdout)
+
+@pytest.fixture(scope="session", autouse=True)
+def _lifecycle_started(request, tmp_path_factory):
+    """Start the end-to-end run when the session starts, if a selected test needs it, so its minutes overlap
+    the tests that do not. Under pytest-xdist the workers share it: the first to create its folder starts it,
+    in the run's common temp folder (the recipe in xdist's docs), and waits for it before its session ends,
+    since the other worker may still read it."""
+    if not any("lifecycle_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.getbasetemp()
+    home = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "lifecycle-run"
+    try:
+        home.mkdir()
+    except FileExistsError:
+        yield home
+        return
+    with open(home / "stdout", "w") as out, open(home / "stderr", "w") as err:
+        process = subprocess.Popen(_lifecycle_args(home / "workdir"), stdout=out, stderr=err, env={**os.environ})
+
+    def record_exit() -> None:
+        code = process.wait()
+        (home / "rc.tmp").write_text(str(code))
+        (home / "rc.tmp").rename(home / "rc")  # whole, for a reader in the other worker
+
+    waiter = threading.Thread(target=record_exit, daemon=True)
+    waiter.start()
+    yield home
+    try:
+        waiter.join()
+    except BaseException:  # interrupted: leave no run behind
+        process.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def lifecycle_run(_lifecycle_started):
+    """One `canaryflow run --json` of the whole DAG on the demo task, shared by the end-to-end tests: the
+    workdir and the run's summary."""
+    home = _lifecycle_started
+    deadline = time.monotonic() + 900
+    while not (home / "rc").exists():
+        assert time.monotonic() < deadline, "the end-to-end run took more than 15 minutes"
+        time.sleep(1)
+    assert (home / "rc").read_text() == "0", (home / "stderr").read_text()[-3000:]
+    return home / "workdir", json.loads((home / "stdout").read_text())
+
+
+def copy_workdir(workdir: Path, to: Path) -> Path:
+    """A private copy of the shared lifecycle workdir, for a test that registers versions or moves aliases while
+    other tests read the original (under pytest-xdist, at the same time). The SQLite registry goes through
+    SQLite's backup API, so a write in flight elsewhere is never copied torn."""
+    shutil.copytree(workdir, to, ignore=shutil.ignore_patterns("mlflow.db*"))
+    with sqlite3.connect(workdir / "mlflow.db") as source, sqlite3.connect(to / "mlflow.db") as copy:
+        source.backup(copy)
+    return to
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +234,42 @@ def _start_server(kind: str):
     return server
 
 
+# Measured under `make test` (2 workers, 2 cores): 1-2 minutes each, apart from the end-to-end run's readers.
+LONGEST_FIRST = (
+    "tests.pipelines.test_pretrained",
+    "tests.components.test_components",
+    "tests.pipelines.test_registry_auth",
+    "tests.pipelines.test_registry_server",
+    "tests.faults.test_mlflow_unavailable",
+    "tests.unit.test_analysis",
+    "tests.unit.test_training",
+    "tests.training.test_data_parallel",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`), each module goes to one worker
+    whole, so its module-scoped fixtures are built once; and the modules that use the MLflow servers go
+    together, since each worker would start its own (20-60 s each on 2 cores). The end-to-end run is shared
+    through a folder instead (`_lifecycle_started`). Elsewhere the markers do nothing.
+
+    The longest modules go first (`--no-loadscope-reorder` keeps this order), so neither worker is left alone
+    with a two-minute test at the end; the end-to-end run's readers come after them, by when it has finished."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: a module keeps its order
+    modules: dict[str, set[str]] = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, set()).update(getattr(item, "fixturenames", ()))
+    for item in items:
+        used = modules[item.module.__name__]
+        group = "mlflow-servers" if used & set(_SERVER_FIXTURES) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a worker runs only some modules: each server starts when a test first asks for it
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     wanted = set(_SERVER_FIXTURES) if "server" in used else used & set(_SERVER_FIXTURES)
     for name in sorted(wanted):

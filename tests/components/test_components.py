@@ -16,6 +16,8 @@ from canaryflow.components.register_model import register_model
 from canaryflow.registry.tracking import sqlite_uri
 from tests.conftest import demo_config
 
+pytestmark = pytest.mark.slow  # each test runs a component through kfp.local in its own processes
+
 
 def _artifact(kind, tmp_path, name):
     return kind(name=name, uri=str(tmp_path / name), metadata={})

@@ -21,6 +21,8 @@ from canaryflow.registry.tracking import MlflowUnavailableError
 from canaryflow.steps import register_model_step
 from tests.faults.proxy import FaultProxy
 
+pytestmark = pytest.mark.slow  # real MLflow servers behind a faulty proxy
+
 CREATE_VERSION = "/model-versions/create"
 
 

@@ -1058,6 +1058,7 @@ def _growing(prometheus, challenger_errors: int):
     return sleep
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("challenger_errors", "verdict", "serving"), [(1, "promoted", CHALLENGER_URI), (25, "rolled_back", CHAMPION_URI)]
 )
@@ -1155,6 +1156,7 @@ def test_signals_are_left_alone_outside_the_main_thread():
     assert seen == [True]
 
 
+@pytest.mark.slow
 def test_rollback_and_the_first_champion_are_served_on_the_cluster(kserve, registry, through_kubeconfig):
     """`canaryflow rollback` with the kserve backend, as a user runs it: the registry moves, then the
     InferenceService serves the new champion, through the kubeconfig and under the canary's Lease."""

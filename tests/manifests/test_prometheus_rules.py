@@ -418,6 +418,7 @@ def test_a_prometheus_server_loads_the_rules_with_their_group_intervals(tmp_path
         assert all(r["health"] != "err" for r in group["rules"]), group["rules"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FIRING + QUIET, ids=lambda c: c.name)
 def test_the_alerts_evaluate_as_expected(promtool, tmp_path, case):
     write_rules_file(tmp_path / RULES_FILE)

@@ -469,6 +469,7 @@ def test_fine_tune_step_on_several_nodes_waits_for_a_trainjob_instead_of_trainin
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_the_trainjobs_own_command_trains_under_torchrun_as_the_torch_runtime_starts_it(tmp_path, prepared, demo_files):
     """Not the fake: the TrainJob's command, run as one node of one process with the PET_* variables the torch
     runtime sets (torch.go EnforceMLPolicy; PET_MASTER_ADDR is <job>-node-0-0.<job> there, loopback here). Stopped

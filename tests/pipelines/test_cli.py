@@ -10,6 +10,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -45,12 +47,14 @@ def _predict(url: str, inputs: list[str]) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+@pytest.mark.slow
 def test_serve_answers_predict_over_http(trained):
     with _serving(["--model-uri", str(trained[0])]) as url:
         status, body = _predict(url, ["name: Ada | job: baker"])
     assert status == 200 and len(body["predictions"]) == 1
 
 
+@pytest.mark.slow
 def test_a_predictor_serves_as_its_serving_config_says_and_logs_no_input_unless_told_where(trained, tmp_path):
     # As the KServe runtime starts it: a bare working directory, the serving section from the environment the
     # canary step renders (rollout/kserve.py predictor_env), every input sampled, but no dir or upload_uri.
@@ -73,6 +77,7 @@ def test_a_predictor_serves_as_its_serving_config_says_and_logs_no_input_unless_
     assert list(pod.rglob("*")) == [] and list(scratch.rglob("*.jsonl")) == []
 
 
+@pytest.mark.slow
 def test_serve_with_an_unknown_model_is_one_line(tmp_path):
     result = run_cli("serve", "--model-uri", "models:/nothing/1", "--workdir", str(tmp_path), timeout=120)
     assert result.returncode == 2

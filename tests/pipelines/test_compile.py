@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from kfp import components
 
@@ -255,6 +256,7 @@ def test_an_old_backend_compiles_without_optional_secrets(tmp_path):
     assert _secrets_by_executor(path)["exec-fine-tune"] == {"canaryflow-mlflow"}
 
 
+@pytest.mark.slow
 def test_fine_tune_on_several_accelerators_gets_a_memory_backed_dev_shm(tmp_path):
     path, _ = _compile(tmp_path, "train.accelerator_limit=2")
     assert _kubernetes(path)["exec-fine-tune"]["emptyDirMounts"] == [

@@ -5,14 +5,13 @@ dropped, as docs/runbooks/README.md says to do locally. A runbook whose command 
 import json
 import re
 import shlex
-import shutil
 
 import pytest
 
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, copy_workdir, run_cli
 
 pytestmark = pytest.mark.slow  # the registry is the lifecycle's: one whole DAG run, shared with the other slow tests
 
@@ -37,7 +36,7 @@ def runbook_commands() -> dict[str, tuple[str, list[str]]]:
 
 def test_the_runbooks_local_commands_run_against_a_real_registry(lifecycle_run, tmp_path):
     workdir, _ = lifecycle_run
-    shutil.copytree(workdir, tmp_path / ".canaryflow")  # the rollback below must not move the shared champion
+    copy_workdir(workdir, tmp_path / ".canaryflow")  # the rollback below must not move the shared champion
     (tmp_path / "input-log").symlink_to(tmp_path / ".canaryflow" / "input-log")  # what `kubectl cp` brings
     cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(tmp_path / '.canaryflow')}"])
     champion = models.alias_version(cfg, models.CHAMPION)

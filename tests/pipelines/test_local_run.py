@@ -17,9 +17,17 @@ from mlflow import MlflowClient
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import run_cli
+from tests.conftest import copy_workdir, run_cli
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def own_lifecycle(lifecycle_run, tmp_path_factory):
+    """The lifecycle's workdir copied for this module's tests that register a version and move the champion:
+    the drills and notebooks read the shared one, under pytest-xdist at the same time."""
+    workdir, summary = lifecycle_run
+    return copy_workdir(workdir, tmp_path_factory.mktemp("own-lifecycle") / "workdir"), summary
 
 
 def _registry(workdir):
@@ -138,13 +146,13 @@ def _serving(workdir, *overrides):
         process.wait(timeout=30)
 
 
-def test_a_shifted_stream_triggers_one_retraining_and_the_cool_down_holds(lifecycle_run):
+def test_a_shifted_stream_triggers_one_retraining_and_the_cool_down_holds(own_lifecycle):
     """Drift end to end: served inputs are logged (masked), `drift check` sees the shift against the champion's
     training data, `drift watch --submit --local` runs the retraining pipeline once, and the next check within
     the cool-down starts nothing."""
     from canaryflow.rollout.local import post_json
 
-    workdir, first = lifecycle_run
+    workdir, first = own_lifecycle
     champion_before = first["registry"]["aliases"]["champion"]
     with _serving(workdir, "serving.input_log.sample_rate=1") as url:
         for start in range(0, len(SHIFTED), 50):
@@ -256,9 +264,9 @@ def test_summary_renders_for_a_person(lifecycle_run):
     assert f"{summary['data']['test_inputs']} inputs" in text
 
 
-def test_registry_commands_and_rollback_read_and_write_the_ledger(lifecycle_run):
-    # Last in this module: it moves the champion the tests above read.
-    workdir, summary = lifecycle_run
+def test_registry_commands_and_rollback_read_and_write_the_ledger(own_lifecycle):
+    # Last in this module: it moves the champion the shifted-stream test reads.
+    workdir, summary = own_lifecycle
     where = ["--workdir", str(workdir), "--json"]
     listed = json.loads(run_cli("registry", "list", *where).stdout)
     assert [row["version"] for row in listed][:2] == [1, 2] and listed[1]["gate"] == "passed"

@@ -21,6 +21,8 @@ from canaryflow.registry.tracking import MlflowRefusedError, configure, mlflow_s
 from tests.conftest import run_cli
 from tests.servers import ADMIN_SECRET
 
+pytestmark = pytest.mark.slow  # a real MLflow server with basic auth
+
 # The logins the admin creates, as the README says.
 PIPELINE = ("canaryflow-pipeline", "pipeline-Passw0rd-for-tests")
 REVIEWER = ("reviewer", "reviewer-Passw0rd-for-tests")

@@ -27,6 +27,8 @@ from tests.conftest import run_cli
 from tests.racing import race
 from tests.servers import free_port
 
+pytestmark = pytest.mark.slow  # real MLflow servers over SQLite and PostgreSQL
+
 
 def _server_config(server, name: str):
     return load_config(

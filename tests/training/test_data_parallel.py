@@ -16,6 +16,8 @@ from canaryflow.inference.predictor import load_predictor
 from canaryflow.training.launch import data_parallel
 from tests.conftest import demo_config
 
+pytestmark = pytest.mark.slow  # torchrun with two ranks
+
 
 @pytest.fixture(scope="module")
 def trained_on_two_ranks(prepared, demo_files, tmp_path_factory):

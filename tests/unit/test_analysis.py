@@ -151,6 +151,7 @@ def test_an_early_step_holds_until_its_own_events_rule_out_a_gross_regression():
     assert test.gross_open
 
 
+@pytest.mark.slow
 def test_a_gross_regression_is_judged_at_the_first_step():
     """With the default policy (steps 10/25/50 %), of 150 simulated challengers with 1 % -> 5 % errors at
     least 85 % are rolled back at 10 %, where each request says the most about the ratio (without the hold:
@@ -237,6 +238,7 @@ def _event_canaries(rng, runs, rate, ratio=1.0, weights=(10, 25, 50), per_step=3
     return rejected / runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", [0.001, 0.01])
 @pytest.mark.parametrize("routed", [True, False], ids=["router-weights", "realized-shares"])
 def test_the_event_tests_false_rollbacks_stay_within_alpha_at_rare_error_rates(rate, routed):
@@ -287,6 +289,7 @@ def _canaries(challenger: Variant, runs: int, policy: CanaryConfig) -> list[dict
     return [drive(policy, SimulatedTraffic(HEALTHY, challenger, seed), True) for seed in range(runs)]
 
 
+@pytest.mark.slow
 def test_healthy_canaries_are_rarely_rolled_back():
     """The false-rollback rate over 200 simulated healthy canaries stays within alpha, although the
     controller looks after every batch of 20 requests. (With the default policy a healthy canary is
@@ -339,6 +342,7 @@ def test_an_undecided_step_is_extended_then_ends_inconclusive_with_the_champion_
     assert once["verdict"] == "inconclusive" and once["steps"][-1]["challenger"]["requests"] < 400
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", [1, 5, 10])
 def test_healthy_canaries_are_not_rolled_back_at_any_traffic_rate_time_limits_included(rate):
     """100 healthy canaries at each rate, with the default 600 s step limit, which slow traffic reaches

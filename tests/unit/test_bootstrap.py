@@ -66,6 +66,7 @@ def test_identical_systems_have_a_zero_width_interval_and_seeds_reproduce(scores
     assert one != paired_bootstrap(good, worse, len(REFS), {"rougeL": 0.0}, resamples=200, seed=8)
 
 
+@pytest.mark.slow
 def test_false_passes_stay_near_alpha_for_a_system_exactly_at_the_margin():
     # Two systems of equal quality, tested for an improvement of 0: H0 is true, so it should be rejected
     # in about alpha of the test sets (one-sided 0.025), not more.

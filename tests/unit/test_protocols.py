@@ -273,6 +273,7 @@ def test_past_the_bound_in_flight_the_answer_is_503_with_retry_after(trained):
         srv.shutdown()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_the_requests_in_flight(trained, tmp_path):
     port_file = tmp_path / "port"
     process = subprocess.Popen(

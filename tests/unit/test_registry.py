@@ -163,6 +163,7 @@ def test_rollback_returns_to_the_previous_champion_and_the_ledger_records_every_
     assert ledger.serving_at(cfg, datetime(2000, 1, 1, tzinfo=UTC)) is None
 
 
+@pytest.mark.slow
 def test_two_processes_racing_to_promote_exactly_one_wins(tmp_path):
     from tests.racing import race
 

@@ -141,6 +141,7 @@ fine_tune(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
 """
 
 
+@pytest.mark.slow
 def test_a_killed_training_resumes_from_its_last_checkpoint(prepared, demo_files, tmp_path):
     cfg = demo_config(demo_files, "train.max_steps=90", "train.checkpoint_steps=10", "train.checkpoint_limit=3")
     config_file = tmp_path / "config.json"
@@ -169,6 +170,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(prepared, demo_files
     assert (out / "model.safetensors").is_file() and not checkpoints.exists()  # done: checkpoints cleared
 
 
+@pytest.mark.slow
 def test_checkpoints_from_other_training_are_not_resumed(prepared, demo_files, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-10").mkdir(parents=True)
@@ -189,6 +191,7 @@ def _reviews(count: int, offset: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_the_classification_path_trains_and_reports_macro_f1(tmp_path):
     from canaryflow.config import load_config
     from canaryflow.data.prepare import prepare_data
@@ -319,6 +322,7 @@ def test_data_parallel_runs_one_process_per_gpu_through_torchrun(tmp_path):
     assert cmd[6:8] == ["-m", "canaryflow.training.launch"] and cmd[-2:] == ["--checkpoints", "/ckpt/run"]
 
 
+@pytest.mark.slow
 def test_early_stopping_evaluates_at_checkpoints_and_keeps_the_best(prepared, demo_files, tmp_path):
     cfg = demo_config(
         demo_files,
