@@ -488,6 +488,13 @@ def _wait_for(condition, timeout=5.0):
         time.sleep(0.01)
 
 
+def _slot_free(router) -> bool:
+    if not router._slots.acquire(blocking=False):
+        return False
+    router._slots.release()
+    return True
+
+
 def _metrics(url):
     return _get(url + "/metrics")[1]
 
@@ -593,7 +600,13 @@ def test_mirror_drops_copies_a_stuck_shadow_cannot_take(make_router, stubs):
     router = make_router(max_in_flight=1)
     router.set_mirror("champion", "challenger")
     stubs["challenger"].gate.clear()
-    ids = [post_json(router.url + "/predict", b"{}", 10)[2]["X-Request-Id"] for _ in range(3)]
+    ids = []
+    for _ in range(3):
+        # The router frees its one slot just after writing the answer: sent sooner, a request is shed (503).
+        _wait_for(lambda: _slot_free(router))
+        status, _, headers = post_json(router.url + "/predict", b"{}", 10)
+        assert status == 200
+        ids.append(headers["X-Request-Id"])
     started = time.perf_counter()
     assert router.mirrored(ids[1], timeout=5) is None and time.perf_counter() - started < 1
     dropped = 'canaryflow_router_mirrored_requests_total{code="dropped",model_version="unknown",variant="challenger"}'
