@@ -90,10 +90,15 @@ def quick_canary_args() -> list[str]:
     return [arg for override in QUICK_CANARY for arg in ("--set", override)]
 
 
+def cli_command(*args: str) -> list[str]:
+    """`canaryflow ...` as a user runs it, with this interpreter."""
+    return [sys.executable, "-m", "canaryflow.cli", *args]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `canaryflow ...` as a user would, in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "canaryflow.cli", *args],
+        cli_command(*args),
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -104,10 +109,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subpro
 
 def _lifecycle_args(workdir: Path) -> list[str]:
     # Shorter training than `make run`, so the suite stays quick; the floors asserted on it allow for that.
-    return [
-        sys.executable, "-m", "canaryflow.cli", "run", "--json", "--workdir", str(workdir),
+    return cli_command(
+        "run", "--json", "--workdir", str(workdir),
         "--set", "train.max_steps=350", "--set", "demo.bootstrap_max_steps=200", *quick_canary_args(),
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -127,7 +132,7 @@ def _lifecycle_started(request, tmp_path_factory):
         yield home
         return
     with open(home / "stdout", "w") as out, open(home / "stderr", "w") as err:
-        process = subprocess.Popen(_lifecycle_args(home / "workdir"), stdout=out, stderr=err, env={**os.environ})
+        process = subprocess.Popen(_lifecycle_args(home / "workdir"), stdout=out, stderr=err)
 
     def record_exit() -> None:
         code = process.wait()

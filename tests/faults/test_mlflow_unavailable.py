@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -19,6 +18,7 @@ from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import MlflowUnavailableError
 from canaryflow.steps import register_model_step
+from tests.conftest import cli_command
 from tests.faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.slow  # real MLflow servers behind a faulty proxy
@@ -96,7 +96,7 @@ def test_an_unreachable_server_is_one_line_from_the_cli(proxy):
     proxy.stop()  # nothing listens on its port any more: connection refused
     for argv, command in ((["registry", "list"], "registry list"), (["rollback", "--reason", "drill"], "rollback")):
         done = subprocess.run(
-            [sys.executable, "-m", "canaryflow.cli", *argv, "--tracking-uri", proxy.url, "--set", "mlflow.retries=1"],
+            cli_command(*argv, "--tracking-uri", proxy.url, "--set", "mlflow.retries=1"),
             capture_output=True,
             text=True,
             timeout=300,

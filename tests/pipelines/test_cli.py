@@ -5,21 +5,20 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_command, run_cli
 
 
 @contextlib.contextmanager
 def _serving(args: list[str], env: dict | None = None, cwd=None):
     """`canaryflow serve` as a process; yields its URL once it serves."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "canaryflow.cli", "serve", *args, "--port", "0"],
+        cli_command("serve", *args, "--port", "0"),
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},

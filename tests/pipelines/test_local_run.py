@@ -5,7 +5,6 @@ import json
 import queue
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from mlflow import MlflowClient
 from canaryflow.config import load_config
 from canaryflow.registry import models
 from canaryflow.registry.tracking import sqlite_uri
-from tests.conftest import copy_workdir, run_cli
+from tests.conftest import cli_command, copy_workdir, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +120,7 @@ def _serving(workdir, *overrides):
     """`canaryflow serve` of the champion on a free port, as an operator runs it; its URL."""
     args = ["--model-uri", "models:/canaryflow-demo@champion", "--port", "0", "--workdir", str(workdir)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "canaryflow.cli", "serve", *args, *(a for o in overrides for a in ("--set", o))],
+        cli_command("serve", *args, *(a for o in overrides for a in ("--set", o))),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -23,7 +22,7 @@ from canaryflow.data.prepare import read_pairs
 from canaryflow.errors import CanaryflowError
 from canaryflow.registry import ledger, models
 from canaryflow.rollout.local import post_json
-from tests.conftest import run_cli
+from tests.conftest import cli_command, run_cli
 from tests.racing import race
 from tests.servers import free_port
 
@@ -118,9 +117,9 @@ def test_a_servers_input_log_outlives_it_in_the_trackings_artifact_store(sqlite_
     store = f"mlflow-artifacts:/input-log/{uuid.uuid4().hex[:8]}"
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "canaryflow.cli", "serve", "--model-uri", str(trained[0]), "--port", str(port),
+        cli_command("serve", "--model-uri", str(trained[0]), "--port", str(port),
          "--tracking-uri", sqlite_server.url, "--workdir", str(tmp_path / "pod"),
-         "--set", "serving.input_log.sample_rate=1.0", "--set", f"serving.input_log.upload_uri={store}"],
+         "--set", "serving.input_log.sample_rate=1.0", "--set", f"serving.input_log.upload_uri={store}"),
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     inputs = read_pairs(prepared[0], "test")["input"].tolist()[:30]

@@ -489,6 +489,8 @@ def _wait_for(condition, timeout=5.0):
 
 
 def _slot_free(router) -> bool:
+    """Whether a request sent now is routed, not shed: the router frees a slot just after writing the answer,
+    so a client can be answered and send again before its slot is back."""
     if not router._slots.acquire(blocking=False):
         return False
     router._slots.release()
@@ -556,6 +558,7 @@ def test_router_sheds_load_beyond_max_in_flight(make_router, stubs):
         assert time.perf_counter() - started < 1
         stubs["champion"].gate.set()
         assert [f.result()[0] for f in held] == [200, 200]
+    _wait_for(lambda: _slot_free(router))
     assert post_json(router.url + "/predict", b'{"inputs": ["a"]}', 10)[0] == 200  # the slots came back
     text = _metrics(router.url)
     assert 'canaryflow_router_rejected_requests_total{reason="overloaded"} 1.0' in text
@@ -602,7 +605,6 @@ def test_mirror_drops_copies_a_stuck_shadow_cannot_take(make_router, stubs):
     stubs["challenger"].gate.clear()
     ids = []
     for _ in range(3):
-        # The router frees its one slot just after writing the answer: sent sooner, a request is shed (503).
         _wait_for(lambda: _slot_free(router))
         status, _, headers = post_json(router.url + "/predict", b"{}", 10)
         assert status == 200
