@@ -38,6 +38,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pretrained_cpu.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/evaluation.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/canary.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/canary_under_load.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/router.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/run_make_run.py

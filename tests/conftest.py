@@ -80,7 +80,11 @@ QUICK_CANARY = [
     "canary.min_requests_per_step=20",
     "canary.error_floor=0.08",  # below the 10 % error drill, so only a rollback can end it
     "canary.slow_floor=0.3",
-    "canary.slow_tolerance=1.5",  # scheduling noise on a loaded 2-core machine is not a regression
+    # Scheduling noise on a loaded 2-core machine is not a regression: a starved server's slow answers come in
+    # bursts, which the event test counts as independent. At 1.5, 1 of 24 healthy canaries beside a CPU hog was
+    # rolled back; at 4 the largest healthy evidence was 3 (rollback at 60), and 1 s of added latency still
+    # rolls back (BENCHMARKS.md, healthy canaries on a loaded machine).
+    "canary.slow_tolerance=4",
     "canary.quality_margin=0.2",
     "canary.max_error_rate=0.2",
 ]

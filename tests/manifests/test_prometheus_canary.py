@@ -89,9 +89,10 @@ def predictors(lifecycle_run, prepared, tmp_path_factory):
     cfg = with_workdir(load_config(), workdir)
     model_dir = models.download_model_dir(cfg, models.model_uri(cfg, models.alias_version(cfg, models.CHAMPION)),
                                           tmp_path_factory.mktemp("champion"))  # fmt: skip
-    logs = tmp_path_factory.mktemp("server-logs")
-    servers = {"1": ModelServerProcess(str(model_dir), "champion", "1", 1, logs, {})}
+    # A folder per server: the challengers' logs share one name (server-challenger.log).
+    servers = {"1": ModelServerProcess(str(model_dir), "champion", "1", 1, tmp_path_factory.mktemp("logs-v1"), {})}
     for version, fault in FAULTS.items():
+        logs = tmp_path_factory.mktemp(f"logs-v{version}")
         servers[version] = ModelServerProcess(str(model_dir), "challenger", version, 1, logs, {}, fault)
     try:
         deadline = time.monotonic() + 180
