@@ -49,7 +49,7 @@ LATENCY_FAULT = "latency_ms=1000"
 def _canary(policy, router, items) -> tuple[str, list[tuple[int, int, float]]]:
     """One local canary over `router`; its verdict and its slow events per batch (challenger, champion, share)."""
     from canaryflow.rollout import analysis
-    from canaryflow.rollout.controller import ReplayedTraffic, drive
+    from canaryflow.rollout.controller import drive
 
     events: list[tuple[int, int, float]] = []
     add_events = analysis.Evidence.add_events
@@ -61,8 +61,7 @@ def _canary(policy, router, items) -> tuple[str, list[tuple[int, int, float]]]:
 
     # drive() builds its Evidence itself: the events are read where they enter it.
     analysis.Evidence.add_events = recording
-    backend = type("Backend", (), {"router": router})
-    traffic = ReplayedTraffic(backend, [i for i, _ in items], [r for _, r in items], policy)
+    traffic = _replayed(router, items, policy)
     try:
         result = drive(policy, traffic, True)
     finally:
@@ -70,6 +69,14 @@ def _canary(policy, router, items) -> tuple[str, list[tuple[int, int, float]]]:
         traffic.close()
     router.set_weights({"champion": 100, "challenger": 0})
     return result["verdict"], events
+
+
+def _replayed(router, items, policy):
+    """The local backend's replayed traffic, through `router`."""
+    from canaryflow.rollout.controller import ReplayedTraffic
+
+    backend = type("Backend", (), {"router": router})
+    return ReplayedTraffic(backend, [i for i, _ in items], [r for _, r in items], policy)
 
 
 def _folder(path: Path) -> Path:
@@ -94,7 +101,6 @@ def _replay(events, tolerance: float, alpha: float, horizon_batches: int) -> tup
 def _measure(policy, runs: int, faulty_runs: int) -> dict[str, dict[str, list]]:
     """Every load's healthy and faulty canaries on real servers: their slow events per batch."""
     from canaryflow.data.prepare import read_pairs
-    from canaryflow.rollout.controller import ReplayedTraffic
     from canaryflow.rollout.local import ModelServerProcess, Router
 
     root = Path(tempfile.mkdtemp(prefix="canary-under-load-"))
@@ -109,17 +115,14 @@ def _measure(policy, runs: int, faulty_runs: int) -> dict[str, dict[str, list]]:
             ("faulty", "challenger", "3", LATENCY_FAULT),
         )
     }  # fmt: skip
-    urls = {name: server.wait_ready(time.monotonic() + 180) for name, server in servers.items()}
-    routers = {
-        kind: Router({"champion": urls["champion"], "challenger": urls[kind]}, policy.request_timeout_s)
-        for kind in ("healthy", "faulty")
-    }
+    routers: dict = {}
     recorded: dict[str, dict[str, list]] = {}
     try:
-        for router in routers.values():
-            router.set_weights({"champion": 100, "challenger": 0})
-        backend = type("Backend", (), {"router": routers["healthy"]})
-        warm = ReplayedTraffic(backend, [i for i, _ in items], [r for _, r in items], policy)
+        urls = {name: server.wait_ready(time.monotonic() + 180) for name, server in servers.items()}
+        for kind in ("healthy", "faulty"):
+            routers[kind] = Router({"champion": urls["champion"], "challenger": urls[kind]}, policy.request_timeout_s)
+            routers[kind].set_weights({"champion": 100, "challenger": 0})
+        warm = _replayed(routers["healthy"], items, policy)
         warm.send(60)  # the champion's production traffic before any canary
         warm.close()
         for load, programs in HOGS.items():
