@@ -89,11 +89,12 @@ def predictors(lifecycle_run, prepared, tmp_path_factory):
     cfg = with_workdir(load_config(), workdir)
     model_dir = models.download_model_dir(cfg, models.model_uri(cfg, models.alias_version(cfg, models.CHAMPION)),
                                           tmp_path_factory.mktemp("champion"))  # fmt: skip
-    # A folder per server: the challengers' logs share one name (server-challenger.log).
-    servers = {"1": ModelServerProcess(str(model_dir), "champion", "1", 1, tmp_path_factory.mktemp("logs-v1"), {})}
-    for version, fault in FAULTS.items():
+    servers = {}
+    for version, fault in {"1": "none", **FAULTS}.items():
+        variant = "champion" if version == "1" else "challenger"
+        # A folder per server: the challengers' logs share one name (server-challenger.log).
         logs = tmp_path_factory.mktemp(f"logs-v{version}")
-        servers[version] = ModelServerProcess(str(model_dir), "challenger", version, 1, logs, {}, fault)
+        servers[version] = ModelServerProcess(str(model_dir), variant, version, 1, logs, {}, fault)
     try:
         deadline = time.monotonic() + 180
         urls = {version: server.wait_ready(deadline) for version, server in servers.items()}
