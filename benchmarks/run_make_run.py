@@ -1,8 +1,10 @@
 """Time `make run` (the venv already built) and compare it with a baseline measured in the same run.
 
-The target: `make run` takes at most 5 minutes on the 2-core machine. The baseline is the training that
-`make run` cannot avoid — the same two fine-tunes (bootstrap champion, then challenger) called in-process,
-without KFP, MLflow, evaluation or canary — so the ratio shows what the lifecycle costs on top of it.
+The targets: `make run` takes at most 3 minutes on the 2-core machine, and at most 1.5 times the baseline. The
+baseline is the training that `make run` cannot avoid — the same two fine-tunes (bootstrap champion, then
+challenger) called in-process, without KFP, MLflow, evaluation or canary — so the ratio shows what the lifecycle
+costs on top of it. The same run with every step in an interpreter of its own (no warm process) shows what
+the warm process saves.
 Writes the figures into BENCHMARKS.md between the markers of this benchmark.
 
 Usage: .venv/bin/python benchmarks/run_make_run.py
@@ -23,7 +25,8 @@ from pathlib import Path
 from report import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = 300.0
+TARGET_S = 180.0
+WARM_ENV = "CANARYFLOW_WARM_STEPS"
 BEGIN, END = "<!-- make-run:begin -->", "<!-- make-run:end -->"
 
 
@@ -103,13 +106,28 @@ def time_training_baseline(workdir: Path) -> float:
     return total
 
 
+def warm_imports(log: Path) -> float:
+    """Seconds the warm process spent importing, once for the whole run (its log, under PYTHONPROFILEIMPORTTIME)."""
+    if not log.is_file():
+        return 0.0
+    total = 0.0
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        found = _IMPORT.search(line)
+        if found and not found.group(2).startswith(" "):
+            total += int(found.group(1)) / 1e6
+    return total
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="canaryflow-bench-") as tmp:
         elapsed, summary = time_make_run(Path(tmp) / "run")
         phases = step_phases(sorted((Path(tmp) / "run" / "logs").glob("run-*.log")))
-        # Again with every step process timing its imports: slower, so it only splits the step's time.
+        # The same run with every step, and every model server, in an interpreter of its own: kfp.local's way.
+        cold, cold_summary = time_make_run(Path(tmp) / "cold", {WARM_ENV: "0"})
+        # Again with every process timing its imports: slower, so it only splits the step's time.
         time_make_run(Path(tmp) / "profiled", {"PYTHONPROFILEIMPORTTIME": "1"})
         profiled = step_phases(sorted((Path(tmp) / "profiled" / "logs").glob("run-*.log")))
+        preload = warm_imports(Path(tmp) / "profiled" / "logs" / "warm-steps.log")
         baseline = time_training_baseline(Path(tmp) / "baseline")
     boot_s = summary["bootstrap"]["duration_s"]
     steps = f"{boot_s} s bootstrap run + {summary['duration_s'] - boot_s:.1f} s challenger run"
@@ -122,16 +140,21 @@ def main() -> None:
         "| --- | ---: | ---: |",
         "| `canaryflow run` on a fresh workdir (bootstrap champion, then challenger + canary) "
         f"| {elapsed:.1f} | {elapsed / baseline:.2f}x baseline |",
+        f"| the same, each step and model server in an interpreter of its own ({WARM_ENV}=0) "
+        f"| {cold:.1f} | {cold / baseline:.2f}x baseline |",
         f"| baseline: the same two fine-tunes in one process, nothing else | {baseline:.1f} | 1.00x |",
-        f"| budget from the foundation issue | {BUDGET_S:.0f} | {elapsed / BUDGET_S:.2f} of budget |",
+        f"| target from the first-hour issue | {TARGET_S:.0f} | {elapsed / TARGET_S:.2f} of target |",
         "",
         f"Breakdown: {steps}; canary verdict `{summary['canary']['verdict']}` after "
-        f"{summary['canary']['requests']} requests; challenger BLEU "
-        f"{summary['metrics']['challenger']['bleu']:.1f} vs champion {summary['metrics']['champion']['bleu']:.1f}.",
+        f"{summary['canary']['requests']} requests ({cold_summary['canary']['requests']} in the run without the "
+        f"warm process); challenger BLEU {summary['metrics']['challenger']['bleu']:.1f} vs champion "
+        f"{summary['metrics']['champion']['bleu']:.1f}.",
         "",
         "Per step, both runs together: the process's start (interpreter, kfp, the component's module), the "
         "step's imports, the rest of the step (its work and MLflow I/O), and its exit (output written to process "
-        "gone). The imports' share comes from a second run with PYTHONPROFILEIMPORTTIME set.",
+        "gone). The steps fork from the warm process that `canaryflow run` starts, which imported their libraries "
+        f"once, in {preload:.1f} s, beside the first steps. The imports' share comes from a second run with "
+        "PYTHONPROFILEIMPORTTIME set.",
         "",
         "| step | start s | imports s | work and MLflow s | exit s | total s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

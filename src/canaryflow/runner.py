@@ -215,11 +215,18 @@ def run_lifecycle(
     on_phase: Callable[[str], None] = lambda text: None,
 ) -> dict:
     """`canaryflow run`: one DAG run, preceded on the demo task by a bootstrap run when there is no champion."""
-    from canaryflow.registry import models
+    from canaryflow.warm import warm_steps
 
     workdir = workdir.resolve()
     cfg = with_workdir(cfg, workdir)
     preflight(cfg)
+    with warm_steps(workdir / "logs"):
+        return _run_lifecycle(cfg, workdir, on_line, on_phase)
+
+
+def _run_lifecycle(cfg: Config, workdir: Path, on_line: LineCallback, on_phase: Callable[[str], None]) -> dict:
+    from canaryflow.registry import models
+
     if not cfg.uses_demo_data:
         return run_pipeline(cfg, workdir, on_line)
     bootstrap = None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.registry.tracking import mlflow_step
+from canaryflow.warm import forked_when_warm
 
 STEP_TAG = "canaryflow.step."
 STEPS = ("prepare_data", "fine_tune", "evaluate_model", "register_model", "canary_rollout")
@@ -34,6 +35,7 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(cfg.model_dump_json().encode("utf-8")).hexdigest()[:16]
 
 
+@forked_when_warm
 @mlflow_step("preparing the data")
 def prepare_data_step(config_json: str, run_key: str, out_dir: str) -> dict:
     import mlflow
@@ -67,6 +69,7 @@ def _flat(prefix: str, values: dict) -> dict[str, object]:
     return flat
 
 
+@forked_when_warm
 @mlflow_step("fine-tuning")
 def fine_tune_step(config_json: str, run_key: str, data_dir: str, out_dir: str, checkpoint_claim: str = "") -> dict:
     """Train, logging every parameter up front and each logged step's telemetry as it happens, so an
@@ -127,6 +130,7 @@ def _log_learning_curve(metrics: dict) -> None:
         mlflow.log_artifact(str(path), "train")
 
 
+@forked_when_warm
 @mlflow_step("evaluating")
 def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, out_dir: str) -> dict:
     import mlflow
@@ -154,6 +158,7 @@ def evaluate_model_step(config_json: str, run_key: str, data_dir: str, model_dir
     return result
 
 
+@forked_when_warm
 @mlflow_step("registering the candidate")
 def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir: str, evaluation_dir: str) -> str:
     import mlflow
@@ -177,6 +182,7 @@ def register_model_step(config_json: str, run_key: str, data_dir: str, model_dir
     return version
 
 
+@forked_when_warm
 @mlflow_step("rolling out the canary")
 def canary_rollout_step(config_json: str, run_key: str, data_dir: str, version: str, out_dir: str) -> dict:
 
@@ -197,6 +203,7 @@ def _canary_summary(canary: dict | None) -> dict:
     return {k: v for k, v in canary.items() if k != "timeline"}
 
 
+@forked_when_warm
 @mlflow_step("recording the outcome")
 def record_outcome_step(config_json: str, run_key: str, out_path: str) -> dict:
     """Exit handler: build the run's summary from what the steps logged, whether or not they all ran.

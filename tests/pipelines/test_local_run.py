@@ -55,6 +55,19 @@ def test_metric_floors_on_held_out_entities(lifecycle_run):
     assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
 
 
+def test_every_step_of_both_runs_forked_from_one_warm_process(lifecycle_run):
+    workdir, _ = lifecycle_run
+    log = (workdir / "logs" / "warm-steps.log").read_text()
+    assert log.count(" listening on ") == 1 and "warm: ready" in log
+    ran = re.findall(r"^warm: (\d+) runs canaryflow\.(steps\.\w+|serving\.server\.main)$", log, re.MULTILINE)
+    steps = ["prepare_data", "fine_tune", "evaluate_model", "register_model", "canary_rollout", "record_outcome"]
+    run = [f"steps.{step}_step" for step in steps]
+    # The bootstrap's smoke check serves the challenger alone; the challenger's canary serves both versions.
+    bootstrap, challenger = [*run[:5], "serving.server.main", run[5]], [*run[:5], *["serving.server.main"] * 2, run[5]]
+    assert [what for _, what in ran] == bootstrap + challenger
+    assert len({pid for pid, _ in ran}) == len(ran)  # a fresh fork each
+
+
 def test_bootstrap_then_canary_between_two_registered_versions(lifecycle_run):
     workdir, summary = lifecycle_run
     assert summary["bootstrap"]["version"] == "1"

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ from canaryflow.serving.http import (
     parse_json_object,
     serve_in_thread,
 )
+from canaryflow.warm import popen
 
 
 def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, Message]:
@@ -67,11 +67,10 @@ class ModelServerProcess:
         self._port_file = Path(tempfile.mkdtemp(prefix=f"canaryflow-{variant}-")) / "port"
         self.log_path = log_dir / f"server-{variant}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
+        # Forked from `canaryflow run`'s warm process when the canary runs in one of its steps: the imports are done.
+        self.process = popen(
+            "canaryflow.serving.server",
             [
-                sys.executable,
-                "-m",
-                "canaryflow.serving.server",
                 "--model-uri",
                 model_uri,
                 "--variant",
@@ -87,11 +86,11 @@ class ModelServerProcess:
                 "--serving-config",
                 (serving or ServingConfig()).model_dump_json(),
             ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+            self._log,
+            {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
         )
         self.url: str | None = None
+        self._terminated = False
 
     def wait_ready(self, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -104,14 +103,19 @@ class ModelServerProcess:
             time.sleep(0.2)
         raise CanaryflowError(f"{self.variant} model server did not come up in time (log: {self.log_path})")
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """Ask it to drain and exit, once: uvicorn takes a second SIGTERM as "exit now, drop what is in flight"."""
+        if not self._terminated and self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self._terminated = True
+
+    def stop(self) -> None:
+        self.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self._log.close()
 
 
@@ -436,5 +440,7 @@ class LocalBackend:
     def close(self) -> None:
         if self.router is not None:
             self.router.stop()
+        for server in self.servers.values():  # all drain at once: each exit takes a second or two
+            server.terminate()
         for server in self.servers.values():
             server.stop()

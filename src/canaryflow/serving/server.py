@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 import tempfile
@@ -493,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from canaryflow.serving.app import make_app, serve
 
+    # What is loaded now lives as long as the server: frozen, no collection walks it again, neither while
+    # requests wait on one nor at exit, where torch's and transformers' objects cost the stop a second or two.
+    gc.freeze()
     service = ModelService(
         generator, args.variant, args.model_version, fault, serving=serving, profile=profile, input_log=input_log
     )
