@@ -64,6 +64,7 @@ PRELOAD = (
 # reaped the fork, its wait status.
 _LENGTH = struct.Struct("!Q")
 _STDIO = (0, 1, 2)
+_STARTER = 0  # the warm process's stdin: a pipe from the run that started it
 _parent_socket: str | None = None  # in a fork: the warm process it came from, for the servers it starts
 
 
@@ -237,8 +238,9 @@ def warm_steps(log_dir: Path) -> Iterator[None]:
     path = os.path.join(folder, "steps.sock")
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "warm-steps.log", "ab") as log:
+        # Its stdin is its life line: it ends when this process does, however this process ends.
         process = subprocess.Popen(
-            [sys.executable, "-m", "canaryflow.warm", path], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            [sys.executable, "-m", "canaryflow.warm", path], stdin=subprocess.PIPE, stdout=log, stderr=log
         )
     try:
         if _wait_for(path, process):
@@ -246,6 +248,7 @@ def warm_steps(log_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(SOCKET_ENV, None)
+        process.stdin.close()
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
@@ -303,9 +306,11 @@ class _Warm:
     def handle(self, wait_s: float | None) -> None:
         """Fork for every caller waiting, and tell the callers of forks that ended how they ended."""
         while True:
-            ready = select.select([self.listener, self.wakeup], [], [], wait_s)[0]
+            ready = select.select([self.listener, self.wakeup, _STARTER], [], [], wait_s)[0]
             if not ready:
                 return
+            if _STARTER in ready and not os.read(_STARTER, 1):
+                sys.exit(0)  # the run that started it is gone
             if self.wakeup in ready:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self.wakeup, 512):

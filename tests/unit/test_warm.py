@@ -193,3 +193,21 @@ def test_a_server_ends_with_the_step_that_started_it(tmp_path):
 
 if __name__ == "__main__":  # what popen runs outside a warm run: python -m tests.unit.test_warm ARGS
     sys.exit(main(sys.argv[1:]))
+
+
+def test_the_warm_process_ends_with_the_run_that_started_it(tmp_path):
+    logs = tmp_path / "logs"
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from canaryflow.warm import warm_steps\n"
+            f"with warm_steps(Path({str(logs)!r})): time.sleep(120)",
+        ]
+    )
+    try:
+        warm = int(_wait_for_text(logs / "warm-steps.log", "listening").split()[1])
+    finally:
+        run.kill()  # no chance to clean up: the warm process must notice by itself
+        run.wait()
+    assert _wait_dead(warm), "the warm process outlived the run that started it"
