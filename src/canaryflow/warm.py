@@ -44,6 +44,11 @@ ENABLE_ENV = "CANARYFLOW_WARM_STEPS"
 # import is left for the step to import, and to fail on, itself.
 PRELOAD = (
     "mlflow",
+    # What mlflow imports only on its first call to a SQLite or SQL store, and for a run's source version: a
+    # second a step, found with PYTHONPROFILEIMPORTTIME (benchmarks/run_make_run.py).
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "git",
     "canaryflow.registry.models",
     "canaryflow.data.prepare",
     "matplotlib.pyplot",
@@ -54,6 +59,8 @@ PRELOAD = (
     "mlflow.pyfunc",
     "evaluate",
     "canaryflow.evaluation.scoring",
+    "sacrebleu",
+    "rouge_score.rouge_scorer",  # what the ROUGE metric module imports when `evaluate` loads it
     "canaryflow.rollout.controller",
     "canaryflow.serving.server",
     "canaryflow.serving.app",
