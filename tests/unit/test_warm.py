@@ -101,6 +101,7 @@ def test_a_step_runs_in_a_fork_on_the_callers_output_environment_and_folder(tmp_
     assert _wait_dead(warm), "the warm process outlived its block"
 
 
+@pytest.mark.slow  # several forks, each waiting for the import the warm process is in
 def test_failures_reach_the_caller_as_the_step_raised_them(tmp_path, capfd):
     with warm_steps(tmp_path / "logs"):
         with pytest.raises(BadInputError, match="^data.train: missing column 'target'$"):
@@ -153,6 +154,7 @@ def _wait_for_text(path: Path, text: str, timeout_s: float = 30.0) -> str:
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
+@pytest.mark.slow  # several forks, each waiting for the import the warm process is in
 def test_a_server_a_step_starts_is_forked_and_behaves_as_a_process(tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "server.log"
     with warm_steps(logs), open(out, "w") as log:
