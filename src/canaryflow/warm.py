@@ -125,16 +125,24 @@ def _read_exactly(conn: socket.socket, length: int) -> bytes:
     return bytes(data)
 
 
+class _NotStarted(Exception):
+    """The warm process could not start the fork: the caller runs it the way it would have without one."""
+
+
 def _request(conn: socket.socket, stdio: list[int], **request) -> int:
     """Send what to run (kind, module, name, args, kwargs, env) and where; return the fork's pid."""
     # What this process printed so far must come before what the fork prints on the same descriptors.
     sys.stdout.flush()
     sys.stderr.flush()
     request["cwd"] = os.getcwd()
-    _send(conn, request, stdio)
-    reply, _ = _receive(conn)
-    if reply is None:
-        raise RuntimeError("the warm process hung up before it started the fork")
+    try:
+        _send(conn, request, stdio)
+        reply, _ = _receive(conn)
+    except OSError as exc:
+        raise _NotStarted(str(exc)) from None
+    if reply is None or reply[0] != "pid":
+        how = _ended(_exit_code(reply[1]) if reply else None)
+        raise _NotStarted(f"its fork {how} before it started (logs/warm-steps.log)")
     return reply[1]
 
 
@@ -142,7 +150,9 @@ def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _ended(code: int) -> str:
+def _ended(code: int | None) -> str:
+    if code is None:
+        return "ended with the warm process"
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
 
 
@@ -160,7 +170,11 @@ def forked_when_warm(step: Callable) -> Callable:
             return step(*args, **kwargs)
         with conn:
             names = {"module": step.__module__, "name": step.__qualname__}
-            _request(conn, list(_STDIO), kind="call", **names, args=args, kwargs=kwargs, env=dict(os.environ))
+            try:
+                _request(conn, list(_STDIO), kind="call", **names, args=args, kwargs=kwargs, env=dict(os.environ))
+            except _NotStarted as exc:
+                print(f"canaryflow: the warm process failed ({exc}); running the step in this process", file=sys.stderr)
+                return step(*args, **kwargs)
             answer, code = None, None
             while (message := _receive(conn)[0]) is not None:
                 if message[0] == "status":
@@ -226,10 +240,17 @@ def popen(module: str, argv: list[str], out: IO, env: dict[str, str]) -> subproc
     came from one (the module's main(argv) runs there), a process of its own otherwise."""
     path = _socket_path()
     conn = _connect(path, f"starting {module} as a process of its own") if path else None
-    if conn is None:
-        command = [sys.executable, "-m", module, *argv]
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return WarmProcess(conn, module, argv, out, env)
+    if conn is not None:
+        try:
+            return WarmProcess(conn, module, argv, out, env)
+        except _NotStarted as exc:
+            conn.close()
+            print(
+                f"canaryflow: the warm process failed ({exc}); starting {module} as a process of its own",
+                file=sys.stderr,
+            )
+    command = [sys.executable, "-m", module, *argv]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 # --- the run that starts it -------------------------------------------------------------------------------
@@ -330,7 +351,12 @@ class _Warm:
     def fork(self, conn: socket.socket) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: the caller, told nothing, runs it itself
+            print(f"warm: cannot fork: {exc}", flush=True)
+            conn.close()
+            return
         if pid == 0:
             signal.set_wakeup_fd(-1)
             for fd in (self.wakeup, self._wakeup_w):

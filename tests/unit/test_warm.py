@@ -213,3 +213,29 @@ def test_the_warm_process_ends_with_the_run_that_started_it(tmp_path):
         run.kill()  # no chance to clean up: the warm process must notice by itself
         run.wait()
     assert _wait_dead(warm), "the warm process outlived the run that started it"
+
+
+def test_a_warm_process_that_hangs_up_costs_only_the_fork(tmp_path, monkeypatch, capfd):
+    """Where the warm process takes the call and then fails to fork (out of processes, say), the step still
+    runs, in its own process, and a server still starts, as a process of its own."""
+    import socket
+    import threading
+
+    path = str(tmp_path / "hangs-up.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+
+    def hang_up() -> None:
+        for _ in range(2):
+            listener.accept()[0].close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setenv(SOCKET_ENV, path)
+    assert report("anyway")["pid"] == os.getpid()
+    assert "the warm process failed" in capfd.readouterr().err
+    repo = str(Path(__file__).resolve().parents[2])
+    with open(tmp_path / "server.log", "w") as log:
+        server = popen(__name__, ["--crash"], log, {**os.environ, "PYTHONPATH": repo})
+        assert isinstance(server, subprocess.Popen) and server.wait(timeout=60) == 137
+    listener.close()
