@@ -53,8 +53,14 @@ _EVENTS = {
     "output": re.compile(rf"KFP Executor \S+ {_CLOCK} INFO\]: Wrote executor output"),
     "end": re.compile(rf"^{_CLOCK} - INFO - Task '([a-z-]+)' finished"),
 }
-# PYTHONPROFILEIMPORTTIME's lines: a top-level import is the one whose name is not indented.
-_IMPORT = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")
+# PYTHONPROFILEIMPORTTIME's lines of top-level imports: the module's name is not indented (one space after the bar).
+_IMPORT = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| \S")
+
+
+def _top_level_import_s(line: str) -> float:
+    """A top-level import's cumulative seconds, from its PYTHONPROFILEIMPORTTIME line; 0 for any other line."""
+    found = _IMPORT.search(line)
+    return int(found.group(1)) / 1e6 if found else 0.0
 
 
 def _seconds(match: re.Match) -> float:
@@ -82,9 +88,8 @@ def step_phases(logs: list[Path]) -> dict[str, dict[str, float]]:
                         row["imports"] += imports
                         row["work"] += at["output"] - at["input"] - imports
                         row["exit"] += at["end"] - at["output"]
-            found = _IMPORT.search(line)
-            if found and "input" in at and at.get("input", 0) >= at.get("start", 0) and step:
-                imports += int(found.group(1)) / 1e6 if not found.group(2).startswith(" ") else 0.0
+            if "input" in at and at.get("input", 0) >= at.get("start", 0) and step:
+                imports += _top_level_import_s(line)
     return phases
 
 
@@ -110,12 +115,7 @@ def warm_imports(log: Path) -> float:
     """Seconds the warm process spent importing, once for the whole run (its log, under PYTHONPROFILEIMPORTTIME)."""
     if not log.is_file():
         return 0.0
-    total = 0.0
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        found = _IMPORT.search(line)
-        if found and not found.group(2).startswith(" "):
-            total += int(found.group(1)) / 1e6
-    return total
+    return sum(map(_top_level_import_s, log.read_text(encoding="utf-8", errors="replace").splitlines()))
 
 
 def main() -> None:
