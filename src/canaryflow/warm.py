@@ -235,6 +235,15 @@ class WarmProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def wait_or_kill(process: subprocess.Popen | WarmProcess, grace_s: float = 10.0) -> None:
+    """Wait for a process that was asked to exit; past `grace_s`, kill it."""
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def popen(module: str, argv: list[str], out: IO, env: dict[str, str]) -> subprocess.Popen | WarmProcess:
     """`python -m module argv...` with stdout and stderr on `out`: forked from the warm process when this process
     came from one (the module's main(argv) runs there), a process of its own otherwise."""
@@ -278,11 +287,7 @@ def warm_steps(log_dir: Path) -> Iterator[None]:
         os.environ.pop(SOCKET_ENV, None)
         process.stdin.close()
         process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        wait_or_kill(process)
         with contextlib.suppress(OSError):
             os.unlink(path)
             os.rmdir(folder)

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import random
-import subprocess
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from canaryflow.serving.http import (
     parse_json_object,
     serve_in_thread,
 )
-from canaryflow.warm import popen
+from canaryflow.warm import popen, wait_or_kill
 
 
 def post_json(url: str, body: bytes, timeout: float) -> tuple[int, bytes, Message]:
@@ -111,11 +110,7 @@ class ModelServerProcess:
 
     def stop(self) -> None:
         self.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        wait_or_kill(self.process)
         self._log.close()
 
 
