@@ -55,9 +55,9 @@ def test_a_faulty_challenger_is_rolled_back_and_the_champion_keeps_the_traffic(d
 
 def test_a_healthy_challenger_is_promoted_beside_a_cpu_hog_and_every_dashboard_metric_is_scraped(drill_registry):
     """A busy process per core runs beside the drill, as other jobs do on a shared node: the servers are
-    starved, yet the healthy challenger is promoted, because slow requests are judged against the champion
-    serving at the same time (which of the two a slow request came from) with a tolerance for scheduling
-    noise (`canary.slow_tolerance` 4 in the tests' policy, sized in BENCHMARKS.md). Meanwhile the acceptance
+    starved, yet the healthy challenger is promoted at the product's slow_tolerance (1), because slow requests
+    are judged against the champion serving at the same time, a look at a time: a stall that slows all of one
+    server's requests at once counts once (rollout/analysis.py, LookTest). Meanwhile the acceptance
     check of the dashboards and alerts: every metric they query is in a real /metrics scrape of the router and
     both model servers."""
     from tests.observability import missing_from_scrape, queried_metrics

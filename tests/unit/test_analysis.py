@@ -1,5 +1,7 @@
 """The canary's sequential analysis: the confidence sequence, each look's decision, and simulated canaries."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from canaryflow.rollout.analysis import (
     ConfidenceSequence,
     EventTest,
     Evidence,
+    LookTest,
     Observation,
     confidence_sequence,
     look,
@@ -282,6 +285,65 @@ def test_the_event_test_catches_a_five_fold_error_rate_in_a_few_hundred_challeng
     assert np.mean(tolerant) <= 0.05
 
 
+def test_a_look_is_one_unit_of_evidence_however_many_of_its_requests_are_slow():
+    """LookTest bets on y = s_c - ratio * s_b once a look: a look of a challenger slow on every request and a
+    champion on none is worth at most log(1 + 0.95 / ratio), and 10 slow requests weigh as 1 of 1."""
+    test = LookTest(0.05 / 3)
+    for looks in range(1, 30):
+        test.add(10, 0, 0.5, (10, 10))
+        assert test.log_e <= looks * np.log1p(0.95)
+        if test.rejected:
+            break
+    assert 7 <= looks <= 12 and test.leaning
+    one = LookTest(0.05 / 3)
+    for _ in range(looks):
+        one.add(1, 0, 0.5, (1, 1))
+    assert one.log_e == pytest.approx(test.log_e) and one.rejected
+    # A tolerance is a ratio of shares: 3x at tolerance 4 is evidence against; the bets shrink to 1 / ratio.
+    tolerant = LookTest(0.05, ratio=4.0)
+    tolerant.add(6, 2, 0.5, (10, 10))
+    assert tolerant.log_e < 0 and not tolerant.leaning
+    # A look where one side served nothing compares nothing.
+    alone = LookTest(0.05)
+    alone.add(3, 0, 0.1, (3, 0))
+    assert alone.log_e == 0 and alone.events["challenger"] == 3
+
+
+def _stalling_looks(rng, test, looks, weight, stall, rate=0.05, factor=1.0):
+    """Per look of 20, each server stalls with probability `stall` and then every request it holds is slow;
+    otherwise each is slow with probability `rate` (the challenger's `factor` times it)."""
+    for _ in range(looks):
+        challenger = rng.binomial(20, weight)
+        c_rate = 1.0 if rng.random() < stall else min(rate * factor, 1.0)
+        b_rate = 1.0 if rng.random() < stall else rate
+        test.add(
+            rng.binomial(challenger, c_rate),
+            rng.binomial(20 - challenger, b_rate),
+            weight,
+            (challenger, 20 - challenger),
+        )
+        if test.rejected:
+            break
+    return test.rejected
+
+
+@pytest.mark.slow
+def test_slow_requests_that_come_in_bursts_per_server_do_not_roll_a_healthy_challenger_back():
+    """Latency is shared in time on one server: starved of CPU, or behind a long queue, it answers every request
+    it holds slowly at once. Simulated here as a stall of a whole look on one side (10 % of looks, either side):
+    1,000 healthy canaries of 150 looks at 25 and 50 %, where LookTest rolls back within alpha. Power of this
+    check: at a real rate of 0.08, at most 5 % of 1,000 happens with probability about 0.0002. It can fail:
+    the per-request EventTest, which counts each slow request as independent evidence, rolls back a third
+    or more of the same canaries (BENCHMARKS.md measures the bursts on real servers)."""
+    rng = np.random.default_rng(11)
+    for weight in (0.25, 0.5):
+        assert np.mean([_stalling_looks(rng, LookTest(0.05), 150, weight, 0.1) for _ in range(1000)]) <= 0.05
+        assert np.mean([_stalling_looks(rng, EventTest(0.05), 150, weight, 0.1) for _ in range(200)]) >= 0.3
+    # It still catches a challenger that is slow on every request, stalls or not, within a few dozen looks.
+    caught = [_stalling_looks(rng, LookTest(0.05 / 3), 20, 0.5, 0.1, factor=20) for _ in range(200)]
+    assert np.mean(caught) >= 0.95
+
+
 HEALTHY = Variant()
 
 
@@ -314,6 +376,23 @@ def test_bad_canaries_are_rolled_back_early():
     # past the one that must prove every margin.
     assert all(o["steps"][-1]["weight"] < 100 for o in outcomes)
     assert all(o["steps"][-1]["action"] == ROLLBACK for o in outcomes)
+
+
+@pytest.mark.slow
+def test_a_slower_challenger_is_rolled_back_on_its_slow_share_and_a_healthy_one_beside_stalls_is_not():
+    """End to end through the controller, with servers that stall for a batch now and then (simulate.Variant):
+    healthy canaries stay within alpha, a challenger 8x slower (the drills' 1 s against a 120 ms median) rolls
+    back on its slow share within a few looks' worth of its requests."""
+    policy = CanaryConfig(steps=[25, 50, 100], min_requests_per_step=30, max_requests_per_step=1500)
+    stalling = Variant(stall=0.1)
+    outcomes = [drive(policy, SimulatedTraffic(stalling, stalling, seed), True) for seed in range(100)]
+    assert sum(o["verdict"] == "rolled_back" for o in outcomes) <= 5
+    assert not [o for o in outcomes if "FAIL slow share" in o["reason"]]
+    slow = replace(stalling, latency_ms=8 * stalling.latency_ms)
+    outcomes = [drive(policy, SimulatedTraffic(stalling, slow, seed), True) for seed in range(30)]
+    assert all(o["verdict"] == "rolled_back" and "FAIL slow share" in o["reason"] for o in outcomes)
+    served = sorted(sum(step["challenger"]["requests"] for step in o["steps"]) for o in outcomes)
+    assert served[len(served) // 2] <= 80, served
 
 
 def test_a_regression_that_shows_only_at_high_weight_is_judged_on_that_weights_requests():

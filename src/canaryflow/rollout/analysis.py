@@ -34,9 +34,9 @@ alpha_sli / 2, so a challenger worse than its margin is promoted with probabilit
 undecided at its request or time limit is not a rollback: the controller extends it or ends the canary
 inconclusive (controller.drive).
 
-Rolling back on errors and slow requests: a likelihood test on events (EventTest), not the CSs above, which
-work on a variance scale and spend half their alpha on the promotion side. Given that an event happened on a
-request the challenger served with probability w, the challenger served it with probability
+Rolling back on errors and slow requests: tests on events (EventTest; LookTest for slow requests, below), not
+the CSs above, which work on a variance scale and spend half their alpha on the promotion side. Given that an
+event happened on a request the challenger served with probability w, the challenger served it with probability
 theta = w rho / (w rho + 1 - w), where rho is the ratio of the challenger's event rate to the champion's,
 whatever the champion's own rate is (Lindon and Malek, "Anytime-valid inference for multinomial count data",
 NeurIPS 2022; Lindon, Sanden and Shirikian, "Rapid regression detection in software deployments through
@@ -46,8 +46,18 @@ supermartingale, and so their average, so by Ville's inequality it passes 1/alph
 most alpha_sli, however often it is looked at. The whole one-sided alpha_sli goes to the rollback. Locally
 w is the router's weight for the request; on KServe, where only counts per look are known, the look's
 realized share of requests (the count form: Poisson counts conditioned on their sum are binomial). In the
-shadow phase both variants answer each request, and of the requests where exactly one of them failed
-(or was slow), the challenger's share is tested against w = 1/2.
+shadow phase both variants answer each request, and of the requests where exactly one of them failed,
+the challenger's share is tested against w = 1/2 (slow requests: per look, the shares of pairs where only
+the challenger was slow and where only the champion was).
+
+Slow requests are not independent events. A server slows every request it holds at once: starved of CPU,
+behind a long queue, in a large batch. Measured on real servers (BENCHMARKS.md, healthy canaries on a loaded
+machine), 70 % of the looks with two slow requests or more had them all on one side, where 34 % would if
+each were slow on its own, and the per-request test rolled back 2 of 8 healthy canaries at tolerance 1. So
+their unit is a look (LookTest): each look gives one bet on the difference of the two sides' slow shares,
+valid whatever the requests of one side in one look have in common. It is slower on a challenger slow on
+every request (about 4x the challenger requests, simulated: a look is worth at most log 1.95 at tolerance
+1), the price of not counting one stall as many regressions.
 
 alpha is split evenly over the SLIs (and over the shadow phase and the traffic steps when both run), so the
 chance of ever rolling back a challenger that is no worse than the champion stays at most `canary.alpha`,
@@ -83,6 +93,8 @@ _TUNED_FOR = 1000.0
 # caught within a few events whatever the grid's top. Against the best single alternative it loses at most
 # log 24 of evidence.
 _RATIOS = np.geomspace(1.5, 10.0, 24)
+# LookTest's bets, as fractions of the largest a look allows (1 / ratio): evenly on a log scale, equally weighted.
+_BETS = np.geomspace(0.2, 0.95, 8)
 # A step before the deciding one holds its weight until its own events rule out a gross regression: a rate
 # GROSS times the tolerance, at odds of GROSS_ODDS to 1 (so a challenger that bad leaves the step with
 # probability about 1 / GROSS_ODDS, Ville's inequality under that alternative). See `look`.
@@ -189,12 +201,14 @@ class EventTest:
     events alone, not diluted by the healthy ones before it, at a cost of log(4/3) in evidence to the first
     step and log(4 (starts - 1)) to a later one."""
 
+    _grid = len(_RATIOS)  # the mixture's components
+
     def __init__(self, alpha: float, ratio: float = 1.0, starts: int = 1):
         self.ratio = ratio
         self.log_threshold = math.log(1 / alpha)
         self._alternatives = ratio * _RATIOS
         self._log_weights = np.log([1.0] if starts <= 1 else [0.75] + [0.25 / (starts - 1)] * (starts - 1))
-        self._log_lr = np.zeros((len(self._log_weights), len(_RATIOS)))
+        self._log_lr = np.zeros((len(self._log_weights), self._grid))
         self._started = 1
         self.gross = ratio * GROSS
         self.step_events = {"challenger": 0, "champion": 0}
@@ -216,23 +230,39 @@ class EventTest:
         self.events["champion"] += champion_events
         self.requests["challenger"] += requests[0]
         self.requests["champion"] += requests[1]
-        if not 0 < share < 1 or not (challenger_events or champion_events):
-            return  # one variant alone, or no events: nothing about the ratio
-        self.step_events["challenger"] += challenger_events
-        self.step_events["champion"] += champion_events
-        null = share * self.ratio / (share * self.ratio + 1 - share)
-        gross = share * self.gross / (share * self.gross + 1 - share)
-        self.step_log_gross += challenger_events * math.log(gross / null)
-        self.step_log_gross += champion_events * (math.log1p(-gross) - math.log1p(-null))
-        theta = share * self._alternatives / (share * self._alternatives + 1 - share)
-        live = self._log_lr[: self._started]
-        live += challenger_events * (np.log(theta) - math.log(null))
-        live += champion_events * (np.log1p(-theta) - math.log1p(-null))
+        if not 0 < share < 1:
+            return  # one variant alone: nothing about the ratio
+        if challenger_events or champion_events:
+            self.step_events["challenger"] += challenger_events
+            self.step_events["champion"] += champion_events
+            null = share * self.ratio / (share * self.ratio + 1 - share)
+            gross = share * self.gross / (share * self.gross + 1 - share)
+            self.step_log_gross += challenger_events * math.log(gross / null)
+            self.step_log_gross += champion_events * (math.log1p(-gross) - math.log1p(-null))
+        gained = self._log_gains(challenger_events, champion_events, share, requests)
+        if gained is None:
+            return
+        self._log_lr[: self._started] += gained
         # log of sum_k w_k mean_j exp(log_lr[k, j]), computed without overflow.
-        terms = self._log_weights[:, None] + self._log_lr - math.log(len(_RATIOS))
+        terms = self._log_weights[:, None] + self._log_lr - math.log(self._log_lr.shape[1])
         top = float(terms.max())
         self.log_e = top + math.log(float(np.exp(terms - top).sum()))
         self.rejected = self.rejected or self.log_e >= self.log_threshold
+
+    def _log_gains(self, challenger_events: int, champion_events: int, share: float, requests: tuple[int, int]):
+        """Each alternative's log likelihood ratio for these events (None: no events, no change)."""
+        if not (challenger_events or champion_events):
+            return None
+        null = share * self.ratio / (share * self.ratio + 1 - share)
+        theta = share * self._alternatives / (share * self._alternatives + 1 - share)
+        return challenger_events * (np.log(theta) - math.log(null)) + champion_events * (
+            np.log1p(-theta) - math.log1p(-null)
+        )
+
+    @property
+    def leaning(self) -> bool:
+        """Any evidence at all for the alternatives: `look` holds an early step while there is."""
+        return self.log_e > 0
 
     @property
     def gross_open(self) -> bool:
@@ -246,6 +276,41 @@ class EventTest:
         """The observed ratio of the challenger's event rate to the champion's, where both are known."""
         (ce, be), (cn, bn) = self.events.values(), self.requests.values()
         return (ce / cn) / (be / bn) if cn and bn and be else None
+
+
+class LookTest(EventTest):
+    """The test of H0: rate ratio <= `ratio` whose unit is a look, not a request: EventTest's interface, mixture
+    and restarts, for events that come in bursts (module docstring, slow requests).
+
+    Each look gives y = s_c - ratio * s_b, the two sides' shares of requests with an event in it. Under H0 each
+    share's mean is its side's rate, whatever the requests of one side have in common, so E[y] <= 0: the bets
+    1 + lambda * y, for lambda in [0, 1 / ratio) (so that y >= -ratio keeps them positive), multiply to a
+    nonnegative supermartingale, as in testing by betting (Waudby-Smith and Ramdas, JRSS-B 86(1), 2024, Section
+    4). The mixture averages a grid of lambdas, as EventTest averages its alternatives. The price of assuming
+    nothing within a look: a look is worth at most log(1 + 1 / ratio) of evidence however many of its requests
+    are slow, so at tolerance 1 a challenger slow on every request takes at least 7 looks to roll back."""
+
+    _grid = len(_BETS)
+
+    def _log_gains(self, challenger_events: int, champion_events: int, share: float, requests: tuple[int, int]):
+        if not (requests[0] and requests[1]):
+            return None  # one side served nothing in this look: no share to compare
+        y = challenger_events / requests[0] - self.ratio * champion_events / requests[1]
+        return np.log1p(_BETS / self.ratio * y)
+
+    @property
+    def leaning(self) -> bool:
+        """A healthy challenger's bets drift down by only about lambda^2 var(y) / 2 a look, so its evidence hovers
+        around 1 for a long time: a lean here also needs the observed ratio past the least of EventTest's
+        alternatives (measured: with evidence alone, healthy simulated canaries were held at 25 % until the
+        step's limit)."""
+        estimate = self.estimate
+        return self.log_e > 0 and (estimate is None or estimate >= _RATIOS[0] * self.ratio)
+
+
+# Errors are judged request by request; slow requests look by look, as a server slows every request it holds
+# at once (module docstring).
+EVENT_TESTS = {"error": EventTest, "slow": LookTest}
 
 
 class Evidence:
@@ -294,7 +359,7 @@ class Evidence:
         key = (sli, phase)
         if key not in self.events:
             starts = self._starts if phase == "steps" else 1
-            test = EventTest(self.alpha, getattr(self.policy, f"{sli}_tolerance"), starts)
+            test = EVENT_TESTS[sli](self.alpha, getattr(self.policy, f"{sli}_tolerance"), starts)
             test.restart(self._step)
             self.events[key] = test
         return self.events[key]
@@ -531,7 +596,7 @@ def look(
         b
         for b in found
         if b.estimate >= b.margin
-        or (b.test is not None and (b.test.log_e > 0 or (held and not deciding and b.test.gross_open)))
+        or (b.test is not None and (b.test.leaning or (held and not deciding and b.test.gross_open)))
     ]
     leaning = leaning if champion_serves else []
     if enough and (proven or (not deciding and not leaning)):

@@ -21,6 +21,11 @@ class Variant:
     latency_sigma: float = 0.35
     chrf: float = 55.0  # mean per-request chrF
     chrf_sd: float = 15.0
+    # The chance that the server stalls for a whole batch (starved of CPU, a long queue), answering each of its
+    # requests in it `stall_factor` times slower: latency shared in time, as real servers show
+    # (BENCHMARKS.md, healthy canaries on a loaded machine).
+    stall: float = 0.0
+    stall_factor: float = 3.0
 
     def degraded(self, errors: float, latency: float, quality: float) -> Variant:
         """The bad canary of the benchmark: error rate set to `errors`, latency and chrF scaled."""
@@ -60,9 +65,10 @@ class SimulatedTraffic:
     def elapsed(self) -> float:
         return self.clock
 
-    def _one(self, variant: str, difficulty: float) -> Observation:
+    def _one(self, variant: str, difficulty: float, stalled: frozenset = frozenset()) -> Observation:
         v = self.variants[variant]
         latency = float(v.latency_ms * np.exp(v.latency_sigma * self.rng.standard_normal()))
+        latency *= v.stall_factor if variant in stalled else 1.0
         if self.rng.random() < v.error_rate:
             return Observation(variant, False, latency)
         chrf = min(max(v.chrf + difficulty * v.chrf_sd, 0.0), 100.0)  # np.clip costs 10x this on one number
@@ -72,8 +78,9 @@ class SimulatedTraffic:
         share = self.weights["challenger"] / 100
         self.sent += count
         self.clock += count / self.rate
+        stalled = frozenset(name for name, v in self.variants.items() if v.stall and self.rng.random() < v.stall)
         return [
-            self._one("challenger" if self.rng.random() < share else "champion", self.rng.standard_normal())
+            self._one("challenger" if self.rng.random() < share else "champion", self.rng.standard_normal(), stalled)
             for _ in range(count)
         ]
 
