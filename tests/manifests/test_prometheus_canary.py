@@ -203,10 +203,11 @@ def verdicts(predictors, tmp_path_factory, isvc_schema):  # noqa: F811
         finally:
             live.close()
         replay = _Traffic(urls, version, prometheus, items, None)
+        replayed = ReplayedTraffic(replay, [i for i, _ in items], [r for _, r in items], cfg.canary)
         try:
-            local = drive(cfg.canary, ReplayedTraffic(replay, [i for i, _ in items], [r for _, r in items],
-                                                      cfg.canary), True)  # fmt: skip
+            local = drive(cfg.canary, replayed, True)
         finally:
+            replayed.close()
             replay.close()
         plots = tmp_path_factory.mktemp(f"timeline-{version}")
         out[fault] = {"kserve": kserve, "local": local, "fake": fake, "plot": save_timeline(kserve, plots)}

@@ -434,6 +434,45 @@ def test_healthy_canaries_are_not_rolled_back_at_any_traffic_rate_time_limits_in
     assert sum(o["verdict"] == "rolled_back" for o in outcomes) <= 5
 
 
+class _InFlight(SimulatedTraffic):
+    """Simulated traffic with requests still on their way at every look, as the local replay has: settle()
+    hands them over, and it is called before every shift."""
+
+    def __init__(self, *args, late: list[Observation] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.late, self.calls = late, []
+
+    def shift(self, weights, mirror=False):
+        self.calls.append("shift")
+        super().shift(weights, mirror)
+
+    def send(self, count):
+        self.calls.append("send")
+        return super().send(count)
+
+    def settle(self):
+        self.calls.append("settle")
+        late, self.late = self.late or [], None
+        return late
+
+
+def test_a_decision_is_taken_again_with_the_requests_still_on_their_way():
+    """The look that would promote a step comes before the answers still in flight, which are the slow ones and
+    the timeouts: the controller acts only once they are in. Here the first step's late answers are 20 timeouts
+    of the challenger, and the canary rolls back on them instead of advancing."""
+    policy = CanaryConfig(steps=[50, 100], min_requests_per_step=30)
+    calm = drive(policy, _InFlight(HEALTHY, HEALTHY, 3), True)
+    assert calm["verdict"] == "promoted"
+    timeouts = [Observation("challenger", False, 15000.0)] * 20
+    traffic = _InFlight(HEALTHY, HEALTHY, 3, late=timeouts)
+    outcome = drive(policy, traffic, True)
+    assert outcome["verdict"] == "rolled_back" and "FAIL error rate" in outcome["reason"], outcome["reason"]
+    assert outcome["steps"][-1]["weight"] == 50 and outcome["steps"][-1]["challenger"]["errors"] >= 20
+    # Every shift after the first comes right after a settle: no answer routed at one weight counts at another.
+    shifts = [i for i, call in enumerate(traffic.calls) if call == "shift"]
+    assert len(shifts) >= 2 and all(traffic.calls[i - 1] == "settle" for i in shifts[1:])
+
+
 def test_shadow_phase_catches_a_quality_drop_before_any_user_sees_it():
     worse = HEALTHY.degraded(errors=0.01, latency=1.0, quality=0.8)
     policy = CanaryConfig(shadow_requests=2000, min_requests_per_step=30)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sacrebleu
 
-from canaryflow.config import InputLogConfig, ServingConfig
+from canaryflow.config import CanaryConfig, InputLogConfig, ServingConfig
 from canaryflow.errors import BadInputError
 from canaryflow.inference.predictor import Seq2SeqGenerator
 from canaryflow.rollout.local import LocalBackend, MirrorResult, Router, post_json
@@ -597,6 +597,53 @@ def test_mirror_answers_from_primary_at_once_and_pairs_the_shadow_by_request_id(
     for bad in (("champion", "champion"), ("champion", "nobody"), ("champion", None)):
         with pytest.raises(ValueError):
             router.set_mirror(*bad)
+
+
+def test_the_replay_keeps_its_clients_sending_between_looks_and_settles_before_a_shift(make_router, stubs):
+    """The local canary's traffic: while the controller looks, `concurrency` requests stay on their way, never
+    more; settle() collects them and stops the clients, and a shift settles first."""
+    from canaryflow.rollout.controller import ReplayedTraffic
+
+    router = make_router()
+    backend = type("Backend", (), {"router": router})
+    traffic = ReplayedTraffic(backend, ["a", "b", "c"], [["champion"]] * 3, CanaryConfig(concurrency=4))
+    try:
+        first = traffic.send(6)
+        assert [o.variant for o in first] == ["champion"] * 6 and all(o.ok for o in first)
+        _wait_for(lambda: len(stubs["champion"].bodies) == 10)  # six answered, four more sent without a look
+        time.sleep(0.3)
+        assert len(stubs["champion"].bodies) == 10  # and no more than those four
+        assert [o.chrf for o in traffic.settle()] == [100.0] * 4  # the answers still owed, scored
+        time.sleep(0.3)
+        assert len(stubs["champion"].bodies) == 10  # settled: nothing is sent until the next look asks
+        traffic.send(2)
+        traffic.shift({"challenger": 100, "champion": 0})  # the four on their way were routed at the old weights
+        assert len(stubs["champion"].bodies) == 16
+        assert {o.variant for o in traffic.send(5)} == {"challenger"}
+        traffic.shift({"champion": 100, "challenger": 0}, mirror=True)
+        pairs = traffic.send_mirrored(3)
+        assert [(b.variant, c.variant) for b, c in pairs] == [("champion", "challenger")] * 3
+        assert all(b.chrf == 100.0 and c.ok and c.chrf < 100.0 for b, c in pairs)  # the shadow's own answer
+    finally:
+        traffic.close()
+    assert not any(client.is_alive() for client in traffic._clients)
+
+
+def test_a_replay_client_that_fails_hands_its_error_to_the_look(make_router, monkeypatch):
+    from canaryflow.rollout import controller
+
+    def broken(*args):
+        raise RuntimeError("the client broke")
+
+    monkeypatch.setattr(controller, "send_one", broken)
+    traffic = controller.ReplayedTraffic(
+        type("Backend", (), {"router": make_router()}), ["a"], [["a"]], CanaryConfig(concurrency=2)
+    )
+    try:
+        with pytest.raises(RuntimeError, match="the client broke"):
+            traffic.send(3)
+    finally:
+        traffic.close()
 
 
 def test_mirror_drops_copies_a_stuck_shadow_cannot_take(make_router, stubs):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import queue
 import sys
 import textwrap
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +45,10 @@ class Traffic(Protocol):
     def send(self, count: int) -> list[Observation]: ...
 
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]: ...
+
+    def settle(self) -> list:
+        """The outcomes of requests still on their way (pairs in mirror mode), sending no more until the next
+        `send`: the controller acts on a decision only with them in, as they are the slowest ones."""
 
     def elapsed(self) -> float: ...
 
@@ -84,16 +89,23 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
         seen: list[Observation] = []
         limit = policy.shadow_requests if mirrored else policy.max_requests_per_step
         limit_seconds, extensions = policy.max_step_seconds, 0
+        settling = False
         while True:
             reference = policy.max_p95_ms if phase == "smoke" else champion_latency(95)
+            if settling:
+                got = traffic.settle()
+                if not got:  # nothing was on its way: the decision stands
+                    break
+            else:
+                got = traffic.send_mirrored(policy.batch_requests) if mirrored else traffic.send(policy.batch_requests)
             if mirrored:
-                pairs = traffic.send_mirrored(policy.batch_requests)
+                pairs = got
                 batch = [o for pair in pairs for o in pair]
                 for sli, values in analysis.paired_losses(pairs, reference).items():
                     evidence.add_pairs(sli, values)
                 step_requests += len(pairs)
             else:
-                batch = traffic.send(policy.batch_requests)
+                batch = got
                 losses = {}
                 for variant in (CHAMPION, CHALLENGER):
                     losses[variant] = analysis.request_losses([o for o in batch if o.variant == variant], reference)
@@ -125,8 +137,11 @@ def drive(policy: CanaryConfig, traffic: Traffic, has_champion: bool, on_look=No
             timeline.append(_timeline_point(traffic.elapsed(), sent, phase, weight, batch, found, decision))
             if on_look is not None:
                 on_look(phase, weight, step_requests, decision)
-            if decision.action != CONTINUE:
+            if decision.action != CONTINUE and settling:
                 break
+            # A decision is looked at again with the requests still on their way: an answer the look could not
+            # see is a slow one, or a timeout.
+            settling = decision.action != CONTINUE
         results.append(
             {
                 "phase": phase,
@@ -199,48 +214,97 @@ def _canary_state(weights: dict[str, int], mirror: bool) -> str:
 
 
 class ReplayedTraffic:
-    """Traffic for the local backend: test inputs replayed (cycling) through the router, `concurrency`
-    requests at a time."""
+    """Traffic for the local backend: test inputs replayed (cycling) through the router by `concurrency`
+    clients, each sending its next request as soon as the last is answered, as a load generator keeps its
+    concurrency. `send(count)` returns the next `count` answers (in the order they came) while the clients go
+    on with `concurrency` more, so the servers never wait for the controller's look: a batch that waited for
+    its last answer left the servers short of requests at every look, and the canary took a third longer.
+    `settle()` stops the clients and returns the answers still owed."""
 
     def __init__(self, backend: LocalBackend, inputs: list[str], references: list[list[str]], policy: CanaryConfig):
         self.backend = backend
         self._items = itertools.cycle(list(zip(inputs, references)))
-        self._pool = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="replay")
         self._timeout = policy.request_timeout_s
+        self._ahead = policy.concurrency
+        self._permits = threading.Semaphore(0)  # one per request the clients may still send
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+        self._owed = 0  # permits given whose answers the controller has not taken yet
+        self._lock = threading.Lock()
+        self._mirror = False
+        self._closed = False
+        self._clients = [
+            threading.Thread(target=self._client, name=f"replay-{i}", daemon=True) for i in range(policy.concurrency)
+        ]
+        for client in self._clients:
+            client.start()
         self._started = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._started
 
     def shift(self, weights: dict[str, int], mirror: bool = False) -> None:
+        # drive() settles before it shifts. Answers still owed here were routed at the old weights, so they
+        # cannot count at the new ones: they are waited for and dropped.
+        self.settle()
         router = self.backend.router
         router.set_weights({k: v for k, v in weights.items() if k in router.backends})
         router.set_mirror(CHAMPION, CHALLENGER) if mirror else router.set_mirror(None, None)
         router.set_canary_state(_canary_state(weights, mirror), router.versions[CHALLENGER])
+        self._mirror = mirror
 
-    def _send(self, count: int):
-        items = [next(self._items) for _ in range(count)]
-        url = self.backend.router.url
-        answers = list(self._pool.map(lambda item: send_one(url, item[0], item[1], self._timeout), items))
-        return items, answers
+    def _client(self) -> None:
+        while True:
+            self._permits.acquire()
+            if self._closed:
+                return
+            with self._lock:
+                text, references = next(self._items)
+            try:
+                answer = self._ask(text, references, self._mirror)
+            except BaseException as exc:  # the controller gets it, instead of waiting for an answer for ever
+                answer = exc
+            self._answers.put(answer)
+
+    def _ask(self, text: str, references: list[str], mirror: bool):
+        """One request's Observation, or in mirror mode the (champion, challenger) pair for it."""
+        champion, request_id = send_one(self.backend.router.url, text, references, self._timeout)
+        if not mirror:
+            return champion
+        shadow = self.backend.router.mirrored(request_id, self._timeout) if request_id else None
+        if shadow is None:  # the mirror never came back: the challenger failed this request
+            return champion, Observation(CHALLENGER, False, self._timeout * 1000)
+        return champion, score_answer(CHALLENGER, shadow.status, shadow.body, shadow.latency_ms, references)
+
+    def _take(self, count: int, ahead: int) -> list:
+        """The next `count` answers, with `ahead` more requests left on their way."""
+        more = count + ahead - self._owed
+        if more > 0:
+            self._owed += more
+            self._permits.release(more)
+        answers = []
+        for _ in range(min(count, self._owed)):
+            answer = self._answers.get()
+            self._owed -= 1
+            if isinstance(answer, BaseException):
+                raise answer
+            answers.append(answer)
+        return answers
 
     def send(self, count: int) -> list[Observation]:
-        return [observation for observation, _ in self._send(count)[1]]
+        return self._take(count, self._ahead)
 
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
-        items, answers = self._send(count)
-        pairs = []
-        for (_, references), (champion, request_id) in zip(items, answers):
-            shadow = self.backend.router.mirrored(request_id, self._timeout) if request_id else None
-            if shadow is None:  # the mirror never came back: the challenger failed this request
-                challenger = Observation(CHALLENGER, False, self._timeout * 1000)
-            else:
-                challenger = score_answer(CHALLENGER, shadow.status, shadow.body, shadow.latency_ms, references)
-            pairs.append((champion, challenger))
-        return pairs
+        return self._take(count, self._ahead)
+
+    def settle(self) -> list:
+        return self._take(self._owed, 0)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop the clients; a request on its way is answered (or times out) first."""
+        self._closed = True
+        self._permits.release(len(self._clients))
+        for client in self._clients:
+            client.join()
 
 
 def _spread(count: int, marked: int) -> list[bool]:
@@ -328,6 +392,9 @@ class KServeTraffic:
                 chrf = None if failed else next(answered, None)
                 batch.append(Observation(variant, not failed, now.p95_ms or 0.0, chrf, slowed))
         return batch
+
+    def settle(self) -> list:
+        return []  # a look reads what Prometheus counted: the controller waits for no request of its own
 
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
         raise CanaryflowError("KServe's canary does not mirror requests: the shadow phase needs the local backend")

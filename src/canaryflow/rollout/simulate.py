@@ -84,6 +84,9 @@ class SimulatedTraffic:
             for _ in range(count)
         ]
 
+    def settle(self) -> list:
+        return []  # each request is drawn when sent: none is ever on its way
+
     def send_mirrored(self, count: int) -> list[tuple[Observation, Observation]]:
         self.sent += count
         self.clock += count / self.rate
