@@ -220,6 +220,13 @@ def main() -> None:
             rows.append(f"| {load} | {tolerance:g} | " + " | ".join(" / ".join(c) for c in cells.values()) + " |")
     threshold = 1 / alpha
     default = load_config().canary.slow_tolerance
+    # More clients keep more requests in each server's queue, so a stall slows more of them at once.
+    product_clients = load_config().canary.concurrency
+    clients = (
+        f"; the product's default is {product_clients}, with fewer in flight"
+        if run["concurrency"] > product_clients
+        else ""
+    )
     every_healthy = [events for kinds in recorded.values() for events in kinds["healthy"]]
     worst = max(_replay(events, LookTest(alpha, default), horizon)[0] for events in every_healthy)
     seen, expected = _one_sided(every_healthy)
@@ -227,7 +234,8 @@ def main() -> None:
         f"## Healthy canaries on a loaded machine — measured {run['measured']}",
         "",
         f"Machine: {run['machine']}. The tests' canary policy (QUICK_CANARY, steps 50/100, looks every "
-        f"{policy.batch_requests} requests, {run['concurrency']} replay clients) on two real model servers serving "
+        f"{policy.batch_requests} requests, {run['concurrency']} replay clients{clients}) on two real model servers "
+        "serving "
         f"the same tiny T5, one torch thread each; {runs['healthy']} healthy canaries and {runs['faulty']} with "
         f"the drills' {LATENCY_FAULT} per load, each judged over its first {horizon} requests; the slow-share "
         f"events replayed through the rollback's test of slow requests at each tolerance, a look at a time "

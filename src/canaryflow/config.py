@@ -534,8 +534,9 @@ class CanaryConfig(_Section):
         2000.0, gt=0, description="Smoke check: the share of requests slower than this must be surely under 15%."
     )
     min_chrf: float = Field(30.0, ge=0, le=100, description="Smoke check: online chrF must be surely above this.")
-    # 8: each server batches what arrives together (serving.batch), so the replay of the demo's canary takes
-    # 34 s instead of 61 s at 2 (1,380 requests, 2 cores); at 16 the queues outgrow the batches (75 s).
+    # 8: each server batches what arrives together (serving.batch). With the clients sending ahead of the
+    # controller's looks, the demo's canary (about 1,400 requests, 2 cores) took 19-23 s at 8; 12 and 16
+    # clients took 18-27 s, no faster, with more requests queued behind any stall.
     concurrency: int = Field(8, gt=0, description="Replay clients sending at once (local backend).")
     request_timeout_s: float = Field(15.0, gt=0, description="Per-request timeout of the replay client.")
     server_start_timeout_s: float = Field(120.0, gt=0, description="Time a model server gets to answer /health.")
