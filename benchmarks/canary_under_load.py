@@ -58,8 +58,7 @@ def _canary(policy, router, items) -> tuple[str, list[tuple[int, int, float, int
     add_events = analysis.Evidence.add_events
 
     def recording(evidence, losses, share):
-        slow = {side: losses[side].get("slow", []) for side in ("challenger", "champion")}
-        c, b = slow["challenger"], slow["champion"]
+        c, b = (losses[side].get("slow", []) for side in ("challenger", "champion"))
         events.append((int(sum(c)), int(sum(b)), share, len(c), len(b)))
         add_events(evidence, losses, share)
 
@@ -211,17 +210,17 @@ def main() -> None:
             cells: dict[str, list[str]] = {"rolled": [], "worst": [], "caught": [], "after": []}
             for test in tests.values():
                 healthy = [_replay(e, test(alpha, tolerance), horizon) for e in kinds["healthy"]]
-                caught = [at for _, at in (_replay(e, test(alpha, tolerance), horizon) for e in kinds["faulty"])]
-                caught = [at for at in caught if at is not None]
+                faulty = (_replay(e, test(alpha, tolerance), horizon)[1] for e in kinds["faulty"])
+                caught = [at for at in faulty if at is not None]
                 cells["rolled"].append(f"{sum(at is not None for _, at in healthy)} of {len(healthy)}")
                 cells["worst"].append(_evidence(max(w for w, _ in healthy)))
                 cells["caught"].append(f"{len(caught)} of {len(kinds['faulty'])}")
                 cells["after"].append(f"{round(statistics.median(caught))}" if caught else "-")
             rows.append(f"| {load} | {tolerance:g} | " + " | ".join(" / ".join(c) for c in cells.values()) + " |")
     threshold = 1 / alpha
-    default = load_config().canary.slow_tolerance
+    product = load_config().canary
+    default, product_clients = product.slow_tolerance, product.concurrency
     # More clients keep more requests in each server's queue, so a stall slows more of them at once.
-    product_clients = load_config().canary.concurrency
     clients = (
         f"; the product's default is {product_clients}, with fewer in flight"
         if run["concurrency"] > product_clients
