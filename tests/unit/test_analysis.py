@@ -154,6 +154,28 @@ def test_an_early_step_holds_until_its_own_events_rule_out_a_gross_regression():
     assert test.gross_open
 
 
+def test_slow_requests_hold_an_early_step_only_while_they_lean():
+    """The demo's case: the champion's slow share falls with its load, so at 25 % it shows a few slow requests and
+    the challenger none. The events that hold a step for errors (5x not yet ruled out) do not hold it for slow
+    requests, which are judged a look at a time; a slow share leaning towards harm still holds it."""
+    errors, slow = EventTest(0.05, starts=3), LookTest(0.05, starts=3)
+    for test in (errors, slow):
+        test.restart(1)
+        for look_ in range(10):  # looks at 25 %, 5 challenger and 15 champion requests each; 2 champion events
+            test.add(0, int(look_ < 2), 0.25, (5, 15))
+    assert errors.gross_open and not slow.gross_open and not slow.leaning
+    bounds = {
+        sli: Bound(sli, -0.1, 0.2, 0.0, 0.1, -0.02, 60, test=test, ratio_margin=1.5)  # margins not yet shown
+        for sli, test in (("error", errors), ("slow", slow))
+    }
+    assert look([bounds["error"], _bound("quality")], 60, 1, POLICY, deciding=False).action == CONTINUE
+    assert look([_bound(), bounds["slow"]], 60, 1, POLICY, deciding=False).action == PROMOTE
+    for _ in range(3):  # the challenger now slow on every request of three looks: the step leans, and holds
+        slow.add(5, 0, 0.25, (5, 15))
+    assert slow.leaning and not slow.rejected
+    assert look([_bound(), bounds["slow"]], 60, 1, POLICY, deciding=False).action == CONTINUE
+
+
 @pytest.mark.slow
 def test_a_gross_regression_is_judged_at_the_first_step():
     """With the default policy (steps 10/25/50 %), of 150 simulated challengers with 1 % -> 5 % errors at
@@ -164,6 +186,15 @@ def test_a_gross_regression_is_judged_at_the_first_step():
     outcomes = _canaries(bad, 150, CanaryConfig())
     assert all(o["verdict"] == "rolled_back" for o in outcomes)
     assert sum(o["steps"][-1]["weight"] == 10 for o in outcomes) >= 0.85 * 150
+
+
+@pytest.mark.slow
+def test_a_challenger_slow_from_the_start_is_judged_at_the_first_step_without_the_hold():
+    """Slow requests hold no early step for a gross regression (LookTest.gross_open), yet 100 simulated challengers
+    twice as slow all roll back at 10 %: their slow share leans at once (measured, 150 of 150 at 1.5x, 2x and 3x,
+    after the same requests as with the hold)."""
+    outcomes = _canaries(HEALTHY.degraded(errors=0.01, latency=2.0, quality=1.0), 100, CanaryConfig())
+    assert all(o["verdict"] == "rolled_back" and o["steps"][-1]["weight"] == 10 for o in outcomes)
 
 
 @pytest.mark.parametrize(
