@@ -190,7 +190,7 @@ def test_a_gross_regression_is_judged_at_the_first_step():
 
 @pytest.mark.slow
 def test_a_challenger_slow_from_the_start_is_judged_at_the_first_step_without_the_hold():
-    """Slow requests hold no early step for a gross regression (LookTest.gross_open), yet 100 simulated challengers
+    """Slow requests hold no early step for a gross regression (LookTest.holds_gross), yet 100 simulated challengers
     twice as slow all roll back at 10 %: their slow share leans at once (measured, 150 of 150 at 1.5x, 2x and 3x,
     after the same requests as with the hold)."""
     outcomes = _canaries(HEALTHY.degraded(errors=0.01, latency=2.0, quality=1.0), 100, CanaryConfig())

@@ -202,6 +202,8 @@ class EventTest:
     step and log(4 (starts - 1)) to a later one."""
 
     _grid = len(_RATIOS)  # the mixture's components
+    # Whether `look` holds an early step until this test's own step events rule out `gross` (gross_open).
+    holds_gross = True
 
     def __init__(self, alpha: float, ratio: float = 1.0, starts: int = 1):
         self.ratio = ratio
@@ -232,7 +234,7 @@ class EventTest:
         self.requests["champion"] += requests[1]
         if not 0 < share < 1:
             return  # one variant alone: nothing about the ratio
-        if challenger_events or champion_events:
+        if self.holds_gross and (challenger_events or champion_events):
             self.step_events["challenger"] += challenger_events
             self.step_events["champion"] += champion_events
             null = share * self.ratio / (share * self.ratio + 1 - share)
@@ -268,7 +270,7 @@ class EventTest:
     def gross_open(self) -> bool:
         """The step's own events, once the champion has shown some, do not yet rule out `gross` at
         GROSS_ODDS to 1. Without champion events there is nothing to compare with: a challenger's own
-        events make the mixture lean instead."""
+        events make the mixture lean instead. A test that does not hold steps counts no step events."""
         return self.step_events["champion"] > 0 and self.step_log_gross > -math.log(GROSS_ODDS)
 
     @property
@@ -291,6 +293,15 @@ class LookTest(EventTest):
     are slow, so at tolerance 1 a challenger slow on every request takes at least 7 looks to roll back."""
 
     _grid = len(_BETS)
+    # An early step is not held for slow requests until a gross regression is ruled out (`look`). That hold is for
+    # EventTest, whose events say less about the ratio at a higher weight. A look's bet says more there: its
+    # challenger share comes from more requests. The hold's test also counts each slow request as an event of its
+    # own, which a burst is not. A step whose slow share leans towards harm is still held (`leaning`). On the
+    # demo's canary the champion's slow share falls once its load does, and the hold kept the 25 % step past its
+    # minimum in 5 of 10 canaries, by up to 300 requests, for a challenger that had no slow request at all (0 of 6
+    # without the hold). Simulated challengers 1.5x to 3x slower from the start were all rolled back at 10 % after
+    # the same requests with the hold or without it: their share leans at once.
+    holds_gross = False
 
     def _log_gains(self, challenger_events: int, champion_events: int, share: float, requests: tuple[int, int]):
         if not (requests[0] and requests[1]):
@@ -306,18 +317,6 @@ class LookTest(EventTest):
         step's limit)."""
         estimate = self.estimate
         return self.log_e > 0 and (estimate is None or estimate >= _RATIOS[0] * self.ratio)
-
-    @property
-    def gross_open(self) -> bool:
-        """Never: an early step is not held for slow requests until a gross regression is ruled out (`look`). That
-        hold is for EventTest, whose events say less about the ratio at a higher weight. A look's bet says more
-        there: its challenger share comes from more requests. The hold's test also counts each slow request as an
-        event of its own, which a burst is not. A step whose slow share leans towards harm is still held
-        (`leaning`). On the demo's canary the champion's slow share falls once its load does, and the hold kept
-        the 25 % step past its minimum in 5 of 10 canaries, by up to 300 requests, for a challenger that had no
-        slow request at all (0 of 6 without the hold). Simulated challengers 1.5x to 3x slower from the start were
-        all rolled back at 10 % after the same requests with the hold or without it: their share leans at once."""
-        return False
 
 
 # Errors are judged request by request; slow requests look by look, as a server slows every request it holds
@@ -600,7 +599,7 @@ def look(
     # none in 50 requests once in 13. Past the step it would be judged at a higher weight, where each of its
     # requests says less about the ratio (at 10 %, 0.033 nats per request of a 5x rate; at 50 %, 0.015), so
     # an early step also holds until its own events rule out a gross regression (EventTest.gross_open; errors
-    # alone, see LookTest.gross_open), for
+    # alone, see LookTest.holds_gross), for
     # at most GROSS_HOLD times its minimum. Measured (benchmarks/canary.py, 1,000 simulated canaries, 1 % -> 5 %,
     # with the grid of _RATIOS): p95 of the challenger requests to roll back 503 -> 371, rolled back at 10 %
     # 69 % -> 92 %. The price: a healthy challenger takes 19 % more requests to promote (4,680 -> 5,560).
