@@ -116,7 +116,9 @@ def canary_steps(workdir: Path) -> tuple[list[str], float, float]:
     as table rows; and the seconds of traffic and of the whole canary."""
     found = sorted(workdir.glob("pipeline_root/*/canary-rollout/canary/canary.json"))
     runs = [json.loads(path.read_text()) for path in found]
-    canary = next(run for run in runs if run["mode"] == "canary")
+    canary = next((run for run in runs if run["mode"] == "canary"), None)
+    if canary is None:  # the gate stopped the challenger: no canary to break down
+        return [], 0.0, 0.0
     ends: list[float] = []
     for point, after in zip(canary["timeline"], [*canary["timeline"][1:], None]):
         if after is None or (after["phase"], after["weight"]) != (point["phase"], point["weight"]):
@@ -186,6 +188,9 @@ def main() -> None:
         "| step | start s | imports s | work and MLflow s | exit s | total s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *_phase_rows(phases, profiled),
+        "",
+        f"Outside the steps (the CLI's start, kfp.local between steps, reading each run's summary): "
+        f"{elapsed - sum(sum(row.values()) for row in phases.values()):.1f} s.",
         "",
         f"At 1.5x the lifecycle may add {baseline / 2:.1f} s to the fine-tunes; it added {elapsed - baseline:.1f} s, "
         f"of which the challenger's canary {canary_s:.1f} s: {traffic_s:.1f} s of traffic, the rest starting and "

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 import tempfile
 import time
 import uuid
@@ -22,6 +23,9 @@ from canaryflow.config import CLASSIFICATION_METRICS, Config
 from canaryflow.errors import BadInputError, CanaryflowError
 
 LineCallback = Callable[[str], None]
+# The longest step, which trains on one core: while it runs the CLI imports what reading the run's summary will need.
+_TRAINING_STARTS = re.compile(r"Executing task (?:\x1b\[[0-9;]*m)?'?fine-tune\b")
+_STEP_SPEAKS = "[KFP Executor "  # how a step's own log lines begin (kfp/dsl/executor_main.py's logger)
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(BadInputError|CanaryflowError|[A-Z]\w*(?:Error|Exception)): (.+)$")
 
 
@@ -111,6 +115,25 @@ class _LineSink(io.TextIOBase):
         self._log.flush()
 
 
+def _importing_while_training(on_line: LineCallback) -> LineCallback:
+    """on_line, which first imports MLflow in this process once the fine-tune step runs. The steps run in
+    processes of their own, so this takes an idle core (train.num_threads is 1 by default) instead of 2 s between
+    two pipeline runs. It waits for the step's own first line: kfp.local starts the step after it has printed
+    that the task is executing, through this very callback. Lines wait meanwhile; the step's output waits in its
+    pipe."""
+    training = False
+
+    def relay(line: str) -> None:
+        nonlocal training
+        training = training or bool(_TRAINING_STARTS.search(line))
+        if training and "mlflow" not in sys.modules and _STEP_SPEAKS in line:
+            import mlflow.store.model_registry.sqlalchemy_store
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        on_line(line)
+
+    return relay
+
+
 def failure_reason(lines: list[str]) -> tuple[str, int]:
     """The last exception a step raised, as one line, and the exit code it calls for (2: bad input)."""
     for line in reversed(lines):
@@ -168,7 +191,7 @@ def run_pipeline(cfg: Config, workdir: Path, on_line: LineCallback = lambda line
     started = time.perf_counter()
     error: Exception | None = None
     with open(log_path, "w", encoding="utf-8") as log:
-        sink = _LineSink(log, on_line)
+        sink = _LineSink(log, _importing_while_training(on_line))
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             try:
                 build_pipeline(cfg, local=True)(config_json=cfg.to_json(), run_key=run_key)
@@ -226,11 +249,12 @@ def run_lifecycle(
 
 def _run_lifecycle(cfg: Config, workdir: Path, on_line: LineCallback, on_phase: Callable[[str], None]) -> dict:
     from canaryflow.registry import models
+    from canaryflow.registry.tracking import unborn_store
 
     if not cfg.uses_demo_data:
         return run_pipeline(cfg, workdir, on_line)
     bootstrap = None
-    if cfg.demo.bootstrap and models.alias_version(cfg, models.CHAMPION) is None:
+    if cfg.demo.bootstrap and (unborn_store(cfg) or models.alias_version(cfg, models.CHAMPION) is None):
         drop = next_demo_drop(workdir)
         on_phase(f"No champion yet: establishing one on demo data drop {drop}")
         bootstrap = run_pipeline(with_demo_drop(cfg, workdir, drop, cfg.demo.bootstrap_max_steps), workdir, on_line)

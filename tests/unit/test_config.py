@@ -152,3 +152,25 @@ def test_a_workdir_whose_path_spells_python3_reaches_kfp_local_through_a_link(tm
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "python3-tmp"))
     with pytest.raises(BadInputError, match="give another --workdir, or set TMPDIR elsewhere"):
         local_pipeline_root(workdir)
+
+
+def test_the_cli_imports_mlflow_while_the_first_fine_tune_trains():
+    import subprocess
+    import sys
+
+    # A fresh interpreter, as `canaryflow run` is: this one imported mlflow long ago.
+    script = """
+import sys
+from canaryflow.runner import _importing_while_training
+relayed = []
+relay = _importing_while_training(relayed.append)
+relay("09:13:30.315 - INFO - Executing task \\x1b[96m'prepare-data'\\x1b[0m")
+relay("    [KFP Executor 2026-12-03 09:13:31,001 INFO]: Got executor_input:")
+print("mlflow" in sys.modules)
+relay("09:13:33.089 - INFO - Executing task \\x1b[96m'fine-tune'\\x1b[0m")
+print("mlflow" in sys.modules)  # kfp.local starts the step after this line: nothing may hold it up
+relay("    [KFP Executor 2026-12-03 09:13:33,201 INFO]: Looking for component `fine_tune`")
+print("mlflow" in sys.modules, "mlflow.store.tracking.sqlalchemy_store" in sys.modules, len(relayed))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:3] == ["False", "False", "True True 4"]

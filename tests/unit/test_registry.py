@@ -269,3 +269,14 @@ def test_a_notebook_finds_the_workdir_from_its_own_folder(tmp_path, monkeypatch)
     assert notebook_registry(tmp_path / "notebooks")[1].endswith("elsewhere/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert notebook_registry(tmp_path)[1] == "http://mlflow:5000"
+
+
+def test_a_fresh_workdir_is_known_to_hold_no_champion_without_mlflow(tmp_path):
+    from canaryflow.registry.tracking import unborn_store
+
+    cfg = load_config(overrides=[f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'fresh')}", "registry.model_name=unit"])
+    assert unborn_store(cfg)
+    assert models.alias_version(cfg, models.CHAMPION) is None  # what the lookup it saves would have said
+    assert not unborn_store(cfg)  # the lookup made the store, and its answer counts from now on
+    server = load_config(overrides=["mlflow.tracking_uri=http://127.0.0.1:9/", "registry.model_name=unit"])
+    assert not unborn_store(server)  # a server is asked, whatever it holds

@@ -48,6 +48,13 @@ def sqlite_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def unborn_store(cfg: Config) -> bool:
+    """Whether the store is a SQLite file not made yet, which holds nothing: known without MLflow, whose import
+    and first schema migration cost seconds before a fresh workdir's first step could start."""
+    uri = cfg.mlflow.tracking_uri or ""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
 def _artifact_root(tracking_uri: str) -> str | None:
     # With a SQLite store the artifacts live beside the database, so one workdir holds the whole registry.
     if tracking_uri.startswith("sqlite:///"):
