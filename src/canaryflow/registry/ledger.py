@@ -30,6 +30,7 @@ from pathlib import Path
 
 from canaryflow.config import Config
 from canaryflow.errors import CanaryflowError
+from canaryflow.registry.tracking import sqlite_file, store_uri
 
 LOCK_TIMEOUT_S = 60.0
 _ENTRY = "canaryflow.ledger"  # tag marking a ledger entry
@@ -94,8 +95,9 @@ def promotion_lock(cfg: Config, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Non
                 "%s is not set: promotions rely on the re-read alone", cfg.registry.lock.removeprefix("env:")
             )
     if lock == "auto":
-        uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-        lock = f"file:{uri.removeprefix('sqlite:///')}.promotion.lock" if uri.startswith("sqlite:///") else uri
+        uri = store_uri(cfg)
+        database = sqlite_file(uri)
+        lock = f"file:{database}.promotion.lock" if database else uri
     if lock.startswith("file:"):
         with _file_lock(Path(lock.removeprefix("file:")), timeout):
             yield

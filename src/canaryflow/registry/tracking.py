@@ -48,18 +48,28 @@ def sqlite_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def store_uri(cfg: Config) -> str:
+    """The tracking store's URI, or "" where none is set. On a cluster it comes from a Kubernetes Secret as
+    MLFLOW_TRACKING_URI, never from the compiled config."""
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """A SQLite store's database file; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def unborn_store(cfg: Config) -> bool:
     """Whether the store is a SQLite file not made yet, which holds nothing: known without MLflow, whose import
     and first schema migration cost seconds before a fresh workdir's first step could start."""
-    uri = cfg.mlflow.tracking_uri or ""
-    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    database = sqlite_file(store_uri(cfg))
+    return database is not None and not database.exists()
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
     # With a SQLite store the artifacts live beside the database, so one workdir holds the whole registry.
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return None  # a tracking server decides where its artifacts go
+    database = sqlite_file(tracking_uri)
+    return (database.parent / "mlartifacts").as_uri() if database else None  # else a tracking server decides
 
 
 def configure(cfg: Config, experiment: str | None = None) -> str:
@@ -68,8 +78,7 @@ def configure(cfg: Config, experiment: str | None = None) -> str:
     SQLite store, never in the current directory."""
     import mlflow
 
-    # On a cluster the URI comes from a Kubernetes Secret as MLFLOW_TRACKING_URI, never from the compiled config.
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = store_uri(cfg)
     if not uri:
         raise CanaryflowError(
             "mlflow.tracking_uri is not set (the CLI sets it from --workdir; a cluster step reads MLFLOW_TRACKING_URI "
