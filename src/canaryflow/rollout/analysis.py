@@ -595,14 +595,13 @@ def look(
     # apart, so a lean carried over from the step before could never resolve: it would hold a healthy challenger
     # until the step's limit (9 of 200 simulated healthy canaries ended inconclusive so). The rollback tests
     # still run there.
-    # A challenger that started well by chance looks healthy for its first requests: 1 % -> 5 % errors shows
-    # none in 50 requests once in 13. Past the step it would be judged at a higher weight, where each of its
-    # requests says less about the ratio (at 10 %, 0.033 nats per request of a 5x rate; at 50 %, 0.015), so
-    # an early step also holds until its own events rule out a gross regression (EventTest.gross_open; errors
-    # alone, see LookTest.holds_gross), for
-    # at most GROSS_HOLD times its minimum. Measured (benchmarks/canary.py, 1,000 simulated canaries, 1 % -> 5 %,
-    # with the grid of _RATIOS): p95 of the challenger requests to roll back 503 -> 371, rolled back at 10 %
-    # 69 % -> 92 %. The price: a healthy challenger takes 19 % more requests to promote (4,680 -> 5,560).
+    # A challenger that started well by chance looks healthy for its first requests: 1 % -> 5 % errors shows none in 50
+    # requests once in 13. Past the step it would be judged at a higher weight, where each of its requests says less
+    # about the ratio (at 10 %, 0.033 nats per request of a 5x rate; at 50 %, 0.015), so an early step also holds until
+    # its own events rule out a gross regression (EventTest.gross_open; errors alone, see LookTest.holds_gross), for at
+    # most GROSS_HOLD times its minimum. Measured (benchmarks/canary.py, 1,000 simulated canaries, 1 % -> 5 %, with the
+    # grid of _RATIOS): p95 of the challenger requests to roll back 503 -> 371, rolled back at 10 % 69 % -> 92 %. The
+    # price: a healthy challenger takes 19 % more requests to promote (4,680 -> 5,560).
     held = step_requests < GROSS_HOLD * policy.min_requests_per_step
     leaning = [
         b
